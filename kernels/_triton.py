@@ -1,0 +1,28 @@
+"""Small helpers shared by the Triton kernels: availability, interpreter mode, autotune trimming.
+
+``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined (the
+test suite's conftest does it on machines without CUDA). In the interpreter bf16 is held
+as uint16 and its arithmetic is wrong, so kernels upcast loaded tiles to fp32 behind the
+``UPCAST_BF16`` constexpr that launchers pass as ``INTERPRET``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+
+
+def triton_usable_for(tensor) -> bool:
+    """True when a Triton kernel can run on ``tensor``: CUDA with Triton, or the CPU interpreter."""
+    if not HAS_TRITON:
+        return False
+    if tensor.is_cuda:
+        return True
+    return INTERPRET and tensor.device.type == "cpu"
+
+
+def trim_configs(configs: list) -> list:
+    """Autotune over one config in the interpreter: every config there costs seconds."""
+    return configs[:1] if INTERPRET else configs

@@ -1,0 +1,313 @@
+"""Plain-PyTorch reference twin of every kernel.
+
+These functions are the CPU path of the engine, the ground truth of the kernel tests and
+the "dense PyTorch reference" that every benchmark compares against. They favour
+clarity over memory: several materialise the dense (d_out, d_in) delta.
+
+Conventions shared with the Triton launchers:
+
+* ``x``: activations ``[..., d_in]`` in the base dtype; ``dy``: ``[..., d_out]``.
+* ``weight``: the frozen base weight ``[d_out, d_in]`` (bf16 on GPU, fp32 on CPU).
+* ``delta``: dense trainable Ŵ ``[d_out, d_in]`` fp32 (search phase); ``mask``: bool
+  ``[d_out, d_in]`` or ``None`` for "mask ignored" (the score pass of Algorithm 1).
+* ``values`` fp32 ``[nnz]`` + ``indices`` int32 ``[nnz]`` sorted flat row-major indices
+  (element fixed phase); ``blocks`` fp32 ``[n, B, B]`` + ``block_indices`` int32 ``[n]``
+  sorted flat block ids ``row_block * (d_in // B) + col_block`` (block fixed phase).
+* The effective weight ``W + ΔW`` is formed in fp32 and cast to the activations' dtype
+  before the matmul; gradients of adapter values are returned in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SCORES = ("mcs", "snip", "gm", "wm")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def densify_compact(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense fp32 ``[d_out, d_in]`` matrix holding ``values`` at flat ``indices``, zeros elsewhere."""
+    dense = torch.zeros(shape[0] * shape[1], dtype=torch.float32, device=values.device)
+    dense[indices.long()] = values.float()
+    return dense.view(shape)
+
+
+def densify_blocks(blocks: torch.Tensor, block_indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense fp32 ``[d_out, d_in]`` matrix with each ``blocks[i]`` placed at tile ``block_indices[i]``."""
+    d_out, d_in = shape
+    bs = blocks.shape[-1]
+    n_row, n_col = d_out // bs, d_in // bs
+    tiles = torch.zeros(n_row * n_col, bs, bs, dtype=torch.float32, device=blocks.device)
+    tiles[block_indices.long()] = blocks.float()
+    return tiles.view(n_row, n_col, bs, bs).permute(0, 2, 1, 3).reshape(d_out, d_in)
+
+
+def gather_blocks(dense: torch.Tensor, block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The ``[n, B, B]`` tiles of ``dense`` at flat block ids ``block_indices``."""
+    d_out, d_in = dense.shape
+    bs = block_size
+    tiles = dense.reshape(d_out // bs, bs, d_in // bs, bs).permute(0, 2, 1, 3).reshape(-1, bs, bs)
+    return tiles[block_indices.long()]
+
+
+def block_sum(scores: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Sum of ``scores`` over each non-overlapping ``B×B`` tile: ``[d_out/B, d_in/B]``."""
+    d_out, d_in = scores.shape
+    bs = block_size
+    return scores.reshape(d_out // bs, bs, d_in // bs, bs).sum(dim=(1, 3))
+
+
+def _linear_with(x: torch.Tensor, effective_weight_fp32: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, effective_weight_fp32.to(x.dtype), bias)
+
+
+def _weight_grad_fp32(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """G = dYᵀ X over all tokens, accumulated in fp32."""
+    return _flatten_tokens(dy).float().t() @ _flatten_tokens(x).float()
+
+
+# ------------------------------------------------------- element-sparse, search phase
+
+
+def masked_delta_linear(x, weight, delta, mask, bias=None):
+    """y = x (W + Ŵ⊙M)ᵀ + b; ``mask=None`` means the mask is ignored (W + Ŵ)."""
+    effective = weight.float() + (delta if mask is None else delta * mask)
+    return _linear_with(x, effective, bias)
+
+
+def masked_delta_grad_input(dy, weight, delta, mask):
+    """dX = dY (W + Ŵ⊙M)."""
+    effective = weight.float() + (delta if mask is None else delta * mask)
+    return dy @ effective.to(dy.dtype)
+
+
+def masked_delta_grad_delta(dy, x, mask):
+    """dŴ = (dYᵀ X) ⊙ M in fp32 (dense, search phase)."""
+    grad = _weight_grad_fp32(dy, x)
+    return grad if mask is None else grad * mask
+
+
+def delta_score(dy, x, delta, score: str = "mcs", block_size: int | None = None):
+    """Mask-update score from G = dYᵀX (fp32): per element, or summed per ``B×B`` tile.
+
+    mcs = Ŵ⊙G (signed), snip = |Ŵ⊙G|, gm = |G|, wm = |Ŵ| (dy and x unused).
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "wm":
+        scores = delta.float().abs()
+    else:
+        grad = _weight_grad_fp32(dy, x)
+        if score == "mcs":
+            scores = delta.float() * grad
+        elif score == "snip":
+            scores = (delta.float() * grad).abs()
+        else:
+            scores = grad.abs()
+    return scores if block_size is None else block_sum(scores, block_size)
+
+
+# -------------------------------------------------------- element-sparse, fixed phase
+
+
+def compact_effective_weight(weight, values, indices):
+    flat = weight.float().flatten().index_add(0, indices.long(), values.float())
+    return flat.view(weight.shape)
+
+
+def compact_delta_linear(x, weight, values, indices, bias=None):
+    """y = x (W + ΔW)ᵀ + b with ΔW given by compact ``values`` at flat ``indices``."""
+    return _linear_with(x, compact_effective_weight(weight, values, indices), bias)
+
+
+def compact_grad_input(dy, weight, values, indices):
+    return dy @ compact_effective_weight(weight, values, indices).to(dy.dtype)
+
+
+def compact_grad_values(dy, x, indices):
+    """d values = (dYᵀ X) at the kept flat indices, fp32 ``[nnz]`` (dense product, then gather)."""
+    return _weight_grad_fp32(dy, x).flatten()[indices.long()]
+
+
+# ---------------------------------------------------------- block-sparse, fixed phase
+
+
+def block_effective_weight(weight, blocks, block_indices):
+    return weight.float() + densify_blocks(blocks, block_indices, tuple(weight.shape))
+
+
+def block_delta_linear(x, weight, blocks, block_indices, bias=None):
+    """y = x (W + ΔW)ᵀ + b with ΔW given by ``B×B`` blocks at flat block ids."""
+    return _linear_with(x, block_effective_weight(weight, blocks, block_indices), bias)
+
+
+def block_grad_input(dy, weight, blocks, block_indices):
+    return dy @ block_effective_weight(weight, blocks, block_indices).to(dy.dtype)
+
+
+def block_grad_blocks(dy, x, block_indices, block_size: int):
+    """d blocks = (dYᵀ X) at the kept tiles, fp32 ``[n, B, B]`` (dense product, then gather)."""
+    return gather_blocks(_weight_grad_fp32(dy, x), block_indices, block_size)
+
+
+# ----------------------------------- block-sparse extras (owner: block_sparse kernels)
+# Reference twins of the delta-only launchers of ``kernels/block_sparse.py`` and the
+# per-tile slot map shared by both backends.
+
+
+def build_block_slot_map(block_indices, shape, block_size: int = 16):
+    """int32 ``[d_out/B, d_in/B]`` map: the position in ``blocks`` of the tile's block, -1 if absent.
+
+    Validates ``block_indices`` (int32, 1-D, sorted, unique, in range) and the shape.
+    """
+    d_out, d_in = (int(s) for s in shape)
+    if block_size < 1 or d_out % block_size or d_in % block_size:
+        raise ValueError(f"block_size {block_size} must divide the weight shape {(d_out, d_in)}")
+    n_rb, n_cb = d_out // block_size, d_in // block_size
+    validate_block_indices(block_indices, n_rb, n_cb)
+    n = block_indices.numel()
+    slot_map = torch.full((n_rb * n_cb,), -1, dtype=torch.int32, device=block_indices.device)
+    slot_map[block_indices.long()] = torch.arange(n, dtype=torch.int32, device=block_indices.device)
+    return slot_map.view(n_rb, n_cb)
+
+
+def validate_block_indices(block_indices, n_rb: int, n_cb: int) -> None:
+    """Raise unless ``block_indices`` is an int32 1-D sorted unique tensor of ids in ``[0, n_rb·n_cb)``."""
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32:
+        raise TypeError(f"block_indices must be an int32 tensor, got {getattr(block_indices, 'dtype', type(block_indices))}")
+    if block_indices.dim() != 1:
+        raise ValueError(f"block_indices must be 1-D, got shape {tuple(block_indices.shape)}")
+    n = block_indices.numel()
+    if n:
+        # one device-to-host transfer for all four facts
+        step = block_indices[1:].long() - block_indices[:-1].long()
+        lo, hi, n_dup, n_down = torch.stack(
+            [block_indices.min().long(), block_indices.max().long(), (step == 0).sum(), (step < 0).sum()]
+        ).tolist()
+        if lo < 0 or hi >= n_rb * n_cb:
+            raise ValueError(f"block_indices out of range [0, {n_rb * n_cb}) for a {n_rb}x{n_cb} block grid: [{lo}, {hi}]")
+        if n_dup:
+            raise ValueError("block_indices contain duplicates")
+        if n_down:
+            raise ValueError("block_indices must be sorted ascending")
+
+
+def block_delta_matmul(x, blocks, block_indices, d_out: int, out=None):
+    """y (+)= x ΔWᵀ with ΔW ``[d_out, d_in]`` given by blocks (cast to x's dtype); ``out`` given: accumulate."""
+    delta = densify_blocks(blocks, block_indices, (d_out, x.shape[-1])).to(x.dtype)
+    y = F.linear(x, delta)
+    return y if out is None else out.add_(y)
+
+
+def block_delta_grad_input(dy, blocks, block_indices, d_in: int, out=None):
+    """dX (+)= dY ΔW with ΔW ``[d_out, d_in]`` given by blocks (cast to dy's dtype); ``out`` given: accumulate."""
+    delta = densify_blocks(blocks, block_indices, (dy.shape[-1], d_in)).to(dy.dtype)
+    dx = dy @ delta
+    return dx if out is None else out.add_(dx)
+
+
+# ------------------------------ end of block-sparse extras (owner: block_sparse kernels)
+
+
+# ------------------------------------------------------------------------------ top-k
+
+
+def topk_flat_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 sorted flat indices of the ``k`` largest entries of ``scores``.
+
+    Ties at the threshold are broken by the lower flat index; +0.0 and -0.0 are equal.
+    NaN is never selected: when fewer than ``k`` entries are not NaN, all of those are
+    returned (fewer than ``k``).
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k < 0 or k > n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    valid = ~torch.isnan(flat)
+    n_valid = int(valid.sum())
+    if k >= n_valid:
+        return valid.nonzero().flatten().to(torch.int32)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int32, device=flat.device)
+    clean = torch.where(valid, flat, torch.full_like(flat, float("-inf")))
+    threshold = torch.topk(clean, k, sorted=False).values.min()
+    above = (clean > threshold) & valid
+    n_above = int(above.sum())
+    at = ((clean == threshold) & valid).nonzero().flatten()[: k - n_above]
+    picked = torch.cat([above.nonzero().flatten(), at])
+    return torch.sort(picked).values.to(torch.int32)
+
+
+def topk_per_layer(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+    """Per-layer top-k: ``ks[i]`` kept from ``scores[i]`` (element or tile scores)."""
+    if len(scores) != len(ks):
+        raise ValueError(f"got {len(scores)} score tensors but {len(ks)} values of k")
+    return [topk_flat_indices(s, k) for s, k in zip(scores, ks)]
+
+
+def topk_global(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """One threshold over all layers (layer drop, Eq. 5-6): exactly ``k`` kept overall.
+
+    Ties are broken by layer order first, then by flat index within the layer.
+    """
+    sizes = [s.numel() for s in scores]
+    picked = topk_flat_indices(torch.cat([s.reshape(-1).float() for s in scores]), k).long()
+    out, start = [], 0
+    for size in sizes:
+        sel = picked[(picked >= start) & (picked < start + size)] - start
+        out.append(sel.to(torch.int32))
+        start += size
+    return out
+
+
+# ------------------------------------------------ top-k from Ŵ and G (twin of topk_mask.py)
+# Section owned by kernels/topk_mask.py (issue 6): the reference of its fused launcher.
+
+
+def delta_grad_score(delta, grad, score: str = "mcs", block_size: int | None = None) -> torch.Tensor:
+    """Score of one layer from Ŵ and G = dYᵀX (fp32), per element or summed per ``B×B`` tile.
+
+    mcs = Ŵ⊙G (signed), snip = |Ŵ⊙G|, gm = |G| (``delta`` unused), wm = |Ŵ| (``grad`` unused).
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "wm":
+        scores = delta.float().abs()
+    elif score == "gm":
+        scores = grad.float().abs()
+    else:
+        scores = delta.float() * grad.float()
+        if score == "snip":
+            scores = scores.abs()
+    return scores if block_size is None else block_sum(scores, block_size)
+
+
+def topk_from_delta_grad(deltas, grads, score: str = "mcs", ks=None, global_k=None, block_size=None):
+    """Per-layer (``ks``) or global (``global_k``) top-k of :func:`delta_grad_score` of each layer.
+
+    Returns int32 sorted flat element indices, or flat block ids ``row_block * (d_in // B) +
+    col_block`` when ``block_size`` is given. Same tie and NaN rules as :func:`topk_flat_indices`.
+    """
+    if (ks is None) == (global_k is None):
+        raise ValueError("give exactly one of ks (per-layer k) or global_k")
+    n = len(deltas) if deltas is not None else len(grads)
+    scores = [
+        delta_grad_score(None if deltas is None else deltas[i], None if grads is None else grads[i], score, block_size)
+        for i in range(n)
+    ]
+    return topk_per_layer(scores, ks) if ks is not None else topk_global(scores, global_k)
+
+
+# ------------------------------------------- masked_delta.py additions (issue 4 section)
+
+
+def delta_score_topk(dy, x, delta, k: int, score: str = "mcs") -> torch.Tensor:
+    """Twin of ``masked_delta.delta_score_topk``: int32 sorted flat indices of the ``k``
+    largest element scores (dense fp32 score, then :func:`topk_flat_indices`)."""
+    return topk_flat_indices(delta_score(dy, x, delta, score), k)

@@ -1,0 +1,36 @@
+"""Packaging for sparse-engine.
+
+The top-level folder ``kernels/`` is installed as ``sparse_engine.kernels``: a top-level
+import name ``kernels`` would collide with Hugging Face's ``kernels`` library, which
+``transformers`` probes for at import time (see DESIGN.md section 2).
+"""
+from setuptools import setup
+
+setup(
+    name="sparse-engine",
+    version="0.1.0",
+    description="Sparse adapters for LLMs: Triton kernels, Algorithm 1 training, merging and serving",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["sparse_engine", "sparse_engine.kernels"],
+    package_dir={"sparse_engine": "sparse_engine", "sparse_engine.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "datasets>=2.19",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "rouge-score>=0.1.2",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+        "accelerate>=0.34",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "dev": ["pytest>=7", "triton>=3.0"],
+        "bench": ["triton>=3.0", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["sparse-engine=sparse_engine.cli:main"]},
+)

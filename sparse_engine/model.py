@@ -1,0 +1,112 @@
+"""Attach sparse adapters to any model by module name, and take them off again.
+
+One generic path driven by ``config.target_modules``: every ``nn.Linear`` whose qualified
+name equals a target or ends with ``"." + target`` is wrapped in a ``SparseAdapterLinear``.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from sparse_engine.config import SparseAdapterConfig
+from sparse_engine.layers import SparseAdapterLinear
+
+CONFIG_ATTR = "sparse_adapter_config"
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, SparseAdapterLinear]:
+    """Adapter layers by qualified name of the module they replaced, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseAdapterLinear)}
+
+
+def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
+    targets = tuple(target_modules)
+    found = {name: m for name, m in model.named_modules() if _matches(name, targets) and isinstance(m, nn.Linear)}
+    if not found:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"target_modules {list(targets)} match no nn.Linear in {type(model).__name__}; "
+            f"its linear layers are named {linear_names}"
+        )
+    return found
+
+
+def attach(model: nn.Module, config: SparseAdapterConfig | None = None) -> nn.Module:
+    """Wrap every target ``nn.Linear`` of ``model`` in a ``SparseAdapterLinear`` (in place).
+
+    Every other parameter of the model is frozen; the adapters start at Ŵ = 0, M = 1, so
+    the model's outputs are unchanged. Returns ``model``.
+    """
+    config = config or SparseAdapterConfig()
+    if adapter_layers(model):
+        raise ValueError("the model already has sparse adapters attached; detach() first")
+    targets = find_target_linears(model, config.target_modules)
+    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
+    # Build every wrapper before touching the model, so a bad layer leaves it unchanged.
+    try:
+        wrappers = {name: SparseAdapterLinear(lin, config, name) for name, lin in targets.items()}
+    except Exception:
+        for n, p in model.named_parameters():
+            p.requires_grad_(frozen[n])
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, wrapper in wrappers.items():
+        _set_submodule(model, name, wrapper)
+    model._sparse_requires_grad = frozen
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no sparse adapters attached")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.to_linear(merge))
+    flags = getattr(model, "_sparse_requires_grad", {})
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    for attr in ("_sparse_requires_grad", CONFIG_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove the adapters: the original ``nn.Linear`` modules come back, untouched."""
+    return _unwrap(model, merge=False)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace each adapter by a plain ``nn.Linear`` with weight W + ΔW (the base W is not modified)."""
+    return _unwrap(model, merge=True)
+
+
+def adapter_config(model: nn.Module) -> SparseAdapterConfig:
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError("the model has no sparse adapters attached; call attach(model, config) first")
+    return config
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [layer.delta for layer in adapter_layers(model).values()]
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Trainable scalars: kept adapter entries for sparse adapters, else every parameter requiring grad."""
+    layers = adapter_layers(model)
+    if layers:
+        return sum(layer.trainable_count for layer in layers.values())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

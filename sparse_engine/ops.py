@@ -1,0 +1,141 @@
+"""Autograd Functions of the sparse-adapter layers and the backend dispatch.
+
+Each Function saves the minimum (the activations and references to the frozen weight and
+the adapter storage) and calls either a Triton launcher (``sparse_engine.kernels.*``) or
+its plain-PyTorch twin (``sparse_engine.kernels.reference``), which share signatures.
+
+Three storage phases of a layer:
+
+* search phase, element or block: dense fp32 Ŵ + bool mask M (``MaskedDeltaLinear``);
+* fixed phase, element: fp32 values + int32 sorted flat indices (``CompactDeltaLinear``);
+* fixed phase, block: fp32 ``[n, B, B]`` blocks + int32 block ids (``BlockDeltaLinear``).
+
+The score pass of Algorithm 1 runs ``MaskedDeltaLinear`` with ``score_sink`` set: its
+backward hands the mask score (computed from dYᵀX) to the sink instead of producing a
+gradient for Ŵ, so no dense gradient is stored in ``.grad``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from sparse_engine.kernels import _triton
+from sparse_engine.kernels import reference as ref
+
+_KERNEL_MODULES = {
+    "masked_delta": "sparse_engine.kernels.masked_delta",
+    "block_sparse": "sparse_engine.kernels.block_sparse",
+    "topk_mask": "sparse_engine.kernels.topk_mask",
+}
+
+
+def use_triton(backend: str, tensor: torch.Tensor) -> bool:
+    """Resolve ``backend`` for data living on ``tensor``'s device."""
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return tensor.is_cuda and _triton.HAS_TRITON
+    if backend == "triton":
+        if not _triton.triton_usable_for(tensor):
+            raise RuntimeError(
+                "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 set before import "
+                f"for the CPU interpreter); got a {tensor.device.type} tensor, triton installed: {_triton.HAS_TRITON}"
+            )
+        return True
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def kernel_module(kind: str, backend: str, tensor: torch.Tensor):
+    """The module implementing ``kind`` for this backend: a Triton launcher module or the reference."""
+    if not use_triton(backend, tensor):
+        return ref
+    try:
+        return importlib.import_module(_KERNEL_MODULES[kind])
+    except ImportError as exc:
+        if backend == "triton":
+            raise RuntimeError(f"Triton kernels for {kind} are not available: {exc}") from exc
+        return ref
+
+
+def _bias_grad(dy: torch.Tensor, bias: torch.Tensor | None, needed: bool):
+    if bias is None or not needed:
+        return None
+    return dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
+
+
+class MaskedDeltaLinear(torch.autograd.Function):
+    """y = x (W + Ŵ⊙M)ᵀ + b with dense Ŵ (search phase). ``mask=None``: mask ignored."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, mask, backend: str, score_sink: Callable | None):
+        impl = kernel_module("masked_delta", backend, x)
+        ctx.save_for_backward(x, weight, delta, mask, bias)
+        ctx.impl, ctx.score_sink = impl, score_sink
+        return impl.masked_delta_linear(x, weight, delta, mask, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, delta, mask, bias = ctx.saved_tensors
+        impl = ctx.impl
+        dy = dy.contiguous()
+        dx = impl.masked_delta_grad_input(dy, weight, delta, mask) if ctx.needs_input_grad[0] else None
+        ddelta = None
+        if ctx.score_sink is not None:
+            ctx.score_sink(dy, x)
+        elif ctx.needs_input_grad[3]:
+            ddelta = impl.masked_delta_grad_delta(dy, x, mask)
+        return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), ddelta, None, None, None
+
+
+class CompactDeltaLinear(torch.autograd.Function):
+    """y = x (W + ΔW)ᵀ + b with ΔW as compact fp32 values at int32 flat indices (fixed phase)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, layout, backend: str):
+        impl = kernel_module("masked_delta", backend, x)
+        ctx.save_for_backward(x, weight, values, indices, bias)
+        ctx.impl, ctx.layout = impl, layout
+        kwargs = {} if impl is ref else {"layout": layout}
+        return impl.compact_delta_linear(x, weight, values, indices, bias, **kwargs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, values, indices, bias = ctx.saved_tensors
+        impl = ctx.impl
+        kwargs = {} if impl is ref else {"layout": ctx.layout}
+        dy = dy.contiguous()
+        dx = impl.compact_grad_input(dy, weight, values, indices, **kwargs) if ctx.needs_input_grad[0] else None
+        dvalues = impl.compact_grad_values(dy, x, indices, **kwargs) if ctx.needs_input_grad[3] else None
+        return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), dvalues, None, None, None
+
+
+class BlockDeltaLinear(torch.autograd.Function):
+    """y = x (W + ΔW)ᵀ + b with ΔW as ``[n, B, B]`` blocks at int32 block ids (block fixed phase)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, blocks, block_indices, slot_map, backend: str):
+        impl = kernel_module("block_sparse", backend, x)
+        ctx.save_for_backward(x, weight, blocks, block_indices, bias)
+        ctx.impl, ctx.slot_map = impl, slot_map
+        kwargs = {} if impl is ref else {"slot_map": slot_map}
+        return impl.block_delta_linear(x, weight, blocks, block_indices, bias, **kwargs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, blocks, block_indices, bias = ctx.saved_tensors
+        impl = ctx.impl
+        kwargs = {} if impl is ref else {"slot_map": ctx.slot_map}
+        dy = dy.contiguous()
+        dx = impl.block_grad_input(dy, weight, blocks, block_indices, **kwargs) if ctx.needs_input_grad[0] else None
+        dblocks = None
+        if ctx.needs_input_grad[3]:
+            dblocks = impl.block_grad_blocks(dy, x, block_indices, blocks.shape[-1])
+        return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), dblocks, None, None, None
+
+
+def delta_score(dy, x, delta, score: str, block_size: int | None, backend: str) -> torch.Tensor:
+    """Mask score from dYᵀX, per element or per B×B tile (see ``reference.delta_score``)."""
+    impl = kernel_module("masked_delta", backend, x)
+    return impl.delta_score(dy, x, delta, score, block_size)

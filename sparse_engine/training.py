@@ -1,0 +1,429 @@
+"""Training: Algorithm 1 for sparse adapters, and plain training for the baselines.
+
+``train_expert`` is one loop for every method: with sparse adapters attached it runs
+Algorithm 1 (mask updates every ``update_interval`` optimizer steps during the mask
+epochs, then frozen compact storage); with LoRA or full fine-tuning it trains whatever
+requires grad. ``SparseAdapterCallback`` gives a Hugging Face ``Trainer`` user the same
+mask schedule: ``attach(model, config)``, then ``Trainer(..., callbacks=[SparseAdapterCallback()])``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from sparse_engine.config import SparseAdapterConfig
+from sparse_engine.formats import BlockSparseDelta, SparseDelta
+from sparse_engine.layers import FIXED, SEARCH
+from sparse_engine.masking import freeze_masks, replace_parameter, update_masks
+from sparse_engine.model import adapter_config, adapter_layers, attach, trainable_parameter_count
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings. Steps count optimizer steps (after gradient accumulation)."""
+
+    epochs: int = 5
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    progress: bool = True
+    desc: str = "train"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float
+    seconds: float
+    trainable_params: int
+    mask_updates: int = 0
+    active_layers: int | None = None
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MaskSchedule:
+    """Algorithm 1's schedule over a model with sparse adapters attached."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = adapter_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no sparse adapters attached; call attach(model, config) first")
+        self.config: SparseAdapterConfig = adapter_config(model)
+        self.updates = 0
+
+    @property
+    def frozen(self) -> bool:
+        return all(layer.phase == FIXED for layer in self.layers.values())
+
+    def after_optimizer_step(self, global_step: int, epoch: int, loss_fn: Callable[[], torch.Tensor], optimizer) -> bool:
+        """Update the masks if this step is a mask step (``epoch`` 0-based). True when it did."""
+        if self.frozen or epoch >= self.config.mask_epochs or global_step % self.config.update_interval:
+            return False
+        update_masks(self.model, self.layers, loss_fn, self.config, optimizer)
+        self.updates += 1
+        return True
+
+    def after_epoch(self, epochs_done: int, optimizer, loss_fn: Callable[[], torch.Tensor] | None) -> bool:
+        """Freeze the masks once the mask epochs are over. True when it did."""
+        if self.frozen or epochs_done < self.config.mask_epochs:
+            return False
+        self.finish(optimizer, loss_fn)
+        return True
+
+    def finish(self, optimizer=None, loss_fn: Callable[[], torch.Tensor] | None = None) -> None:
+        """Freeze whatever is still in the search phase.
+
+        A run whose mask epochs held fewer than ``update_interval`` steps never selected a
+        mask; it gets one update from ``loss_fn`` first, so exactly k entries are kept.
+        """
+        if self.frozen:
+            return
+        if self.updates == 0:
+            if loss_fn is None:
+                raise RuntimeError("no mask was ever selected and no batch is available to score one")
+            update_masks(self.model, self.layers, loss_fn, self.config, optimizer)
+            self.updates += 1
+        freeze_masks(self.layers, optimizer)
+
+    def active_layers(self) -> int:
+        return sum(1 for layer in self.layers.values() if layer.kept_count > 0)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW; sparse adapter values get no weight decay (it would move entries outside the mask)."""
+    adapter_ids = {id(layer.delta) for layer in adapter_layers(model).values()}
+    adapters, decayed, plain = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in adapter_ids:
+            adapters.append(p)
+        elif p.dim() >= 2:
+            decayed.append(p)
+        else:
+            plain.append(p)
+    groups = [g for g in (
+        {"params": adapters, "weight_decay": 0.0},
+        {"params": decayed, "weight_decay": config.weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ) if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_expert(
+    model: nn.Module,
+    train_dataset,
+    config: TrainingConfig | None = None,
+    *,
+    adapter: SparseAdapterConfig | None = None,
+    collate_fn: Callable | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train ``model`` on ``train_dataset`` (a sequence of examples, batched by ``collate_fn``).
+
+    ``adapter``: attach sparse adapters with this config first. With adapters attached,
+    Algorithm 1 runs; otherwise every parameter requiring grad is trained (LoRA, full
+    fine-tuning). ``resume=True`` continues from ``config.checkpoint_dir`` if a checkpoint
+    is there: mask, values, optimizer, scheduler, step and data order, exactly.
+    """
+    config = config or TrainingConfig()
+    n = len(train_dataset)
+    if n == 0:
+        raise ValueError("the training dataset is empty")
+    if adapter is not None:
+        attach(model, adapter)
+    collate_fn = collate_fn or _default_collate
+    device = next(model.parameters()).device
+    schedule = MaskSchedule(model) if adapter_layers(model) else None
+    optimizer = build_optimizer(model, config)
+    batches_per_epoch = math.ceil(n / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = int(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps))
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "mask_updates": 0}
+    if resume:
+        if not config.checkpoint_dir:
+            raise ValueError("resume=True needs checkpoint_dir")
+        path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
+        if path.exists():
+            state = load_checkpoint(path, model, optimizer, scheduler)
+    if schedule is not None:
+        schedule.updates = state["mask_updates"]
+
+    batch = None
+
+    def last_batch_loss():
+        # The score pass of Algorithm 1 re-runs the current (last) micro-batch.
+        return None if batch is None else (lambda: model(**batch).loss)
+
+    start = time.perf_counter()
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=config.desc, disable=not config.progress,
+               dynamic_ncols=True, leave=False)
+    try:
+        while state["epoch"] < config.epochs and state["step"] < total_steps:
+            order = _epoch_order(n, config.seed, state["epoch"])
+            starts = list(range(0, n, config.batch_size))
+            b = state["batch_in_epoch"]
+            while b < len(starts) and state["step"] < total_steps:
+                window = starts[b: b + config.grad_accum]
+                total_loss = 0.0
+                for s in window:
+                    batch = _to_device(collate_fn([train_dataset[int(i)] for i in order[s: s + config.batch_size]]), device)
+                    loss = model(**batch).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite training loss {loss.item()} at step {state['step'] + 1}")
+                    (loss / len(window)).backward()
+                    total_loss += loss.item() / len(window)
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                b += len(window)
+                state["batch_in_epoch"] = b
+                state["losses"].append(round(total_loss, 6))
+                if schedule is not None and schedule.after_optimizer_step(
+                    state["step"], state["epoch"], last_batch_loss(), optimizer
+                ):
+                    state["mask_updates"] = schedule.updates
+                bar.update(1)
+                bar.set_postfix(loss=f"{total_loss:.4f}", epoch=state["epoch"] + 1)
+                if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                    save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state)
+            if b >= len(starts):
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                if schedule is not None:
+                    schedule.after_epoch(state["epoch"], optimizer, last_batch_loss())
+                    state["mask_updates"] = schedule.updates
+    finally:
+        bar.close()
+    if schedule is not None and not schedule.frozen:
+        schedule.finish(optimizer, last_batch_loss())
+        state["mask_updates"] = schedule.updates
+    if config.checkpoint_dir:
+        save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state)
+    model.train(was_training)
+    return TrainResult(
+        steps=state["step"],
+        epochs=state["epoch"] + state["batch_in_epoch"] / batches_per_epoch,
+        seconds=round(time.perf_counter() - start, 3),
+        trainable_params=trainable_parameter_count(model),
+        mask_updates=state["mask_updates"],
+        active_layers=schedule.active_layers() if schedule is not None else None,
+        losses=state["losses"],
+    )
+
+
+def _default_collate(items: list[dict]) -> dict:
+    if not items or not isinstance(items[0], dict):
+        raise TypeError("train_expert needs collate_fn unless the dataset yields dicts of equal-length tensors")
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+# ------------------------------------------------------------------- checkpoints
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, model, optimizer, scheduler, state: dict) -> None:
+    """Everything a resumed run needs to continue bit-for-bit, written atomically."""
+    layers = adapter_layers(model)
+    adapter_ids = {id(layer.delta) for layer in layers.values()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state": dict(state),
+        "adapters": {
+            name: {"phase": layer.phase, "delta": layer.delta.detach().clone(),
+                   "mask": layer.mask.clone() if layer.phase == SEARCH else None,
+                   "indices": layer.indices.clone() if layer.phase == FIXED else None}
+            for name, layer in layers.items()
+        },
+        "trainable": {n: p.detach().clone() for n, p in model.named_parameters()
+                      if p.requires_grad and id(p) not in adapter_ids},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    _atomic_torch_save(payload, Path(path))
+
+
+def load_checkpoint(path, model, optimizer, scheduler) -> dict:
+    """Restore a checkpoint written by ``save_checkpoint``; returns the loop state."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a sparse-engine checkpoint (format {CHECKPOINT_FORMAT})")
+    layers = adapter_layers(model)
+    if set(payload["adapters"]) != set(layers):
+        raise ValueError(f"checkpoint {path} was written for other adapter layers than this model's")
+    for name, saved in payload["adapters"].items():
+        layer = layers[name]
+        if saved["phase"] == FIXED:
+            delta = saved["delta"]
+            container = (SparseDelta(layer.shape, delta, saved["indices"]) if layer.block_size is None
+                         else BlockSparseDelta(layer.shape, delta, saved["indices"]))
+            old = layer.delta
+            layer.load_sparse(container)
+            replace_parameter(optimizer, old, layer.delta)
+        else:
+            if layer.phase == FIXED:
+                raise ValueError(f"{name} is already frozen but the checkpoint is from the search phase")
+            layer.mask.copy_(saved["mask"])
+            layer.delta.data.copy_(saved["delta"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in payload["trainable"].items():
+            if name not in params:
+                raise ValueError(f"checkpoint parameter {name} is not in the model")
+            params[name].copy_(value)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["rng"])
+    return payload["state"]
+
+
+# ------------------------------------------------------------- Trainer callback
+
+try:
+    from transformers import TrainerCallback as _TrainerCallback
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    _TrainerCallback = object
+
+
+class SparseAdapterCallback(_TrainerCallback):
+    """Algorithm 1 inside a Hugging Face ``Trainer``.
+
+    ``attach(model, config)``, then ``Trainer(model=model, ..., callbacks=[SparseAdapterCallback()])``.
+    The score pass re-runs the last micro-batch the model saw (captured by a forward
+    pre-hook) with the mask ignored and uses the model's own loss. Masks freeze at the end
+    of ``config.mask_epochs`` epochs (or at the end of training) and switch to compact storage.
+    """
+
+    def __init__(self):
+        self.schedule: MaskSchedule | None = None
+        self._last_inputs: dict | None = None
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.schedule = MaskSchedule(model)
+        if getattr(args, "weight_decay", 0.0):
+            warnings.warn(
+                "weight_decay > 0 in TrainingArguments also decays sparse-adapter entries outside the mask; "
+                "Algorithm 1 assumes they stay frozen. Use weight_decay=0 for sparse adapters.",
+                stacklevel=2,
+            )
+
+        def capture(module, args_, kwargs_):
+            if module.training and torch.is_grad_enabled():
+                self._last_inputs = dict(kwargs_)
+
+        self._hook = model.register_forward_pre_hook(capture, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.schedule is None or self._last_inputs is None:
+            return
+        epoch_index = max(0, math.ceil(state.epoch - 1e-9) - 1) if state.epoch is not None else 0
+        self.schedule.after_optimizer_step(state.global_step, epoch_index, self._loss_fn(model), optimizer)
+
+    def _loss_fn(self, model):
+        if model is None or self._last_inputs is None:
+            return None
+        inputs = self._last_inputs
+        return lambda: model(**inputs).loss
+
+    def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.schedule is not None and state.epoch is not None:
+            self.schedule.after_epoch(int(round(state.epoch)), optimizer, self._loss_fn(kwargs.get("model")))
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.schedule is not None:
+            self.schedule.finish(optimizer, self._loss_fn(kwargs.get("model")))
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._last_inputs = None

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from sparse_engine import SparseAdapterConfig
+from sparse_engine.layers import FIXED
+from sparse_engine.model import adapter_layers, attach
+from sparse_engine.training import SparseAdapterCallback, TrainingConfig, train_expert
+
+from .helpers import random_lm_data, tiny_phi3
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _collate_failing_after(n_calls):
+    calls = {"n": 0}
+
+    def collate(items):
+        calls["n"] += 1
+        if calls["n"] > n_calls:
+            raise Interrupt()
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    return collate
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_training_runs_algorithm_1_and_ends_compact(block_size):
+    model = tiny_phi3()
+    cfg = SparseAdapterConfig(keep_ratio=0.1, block_size=block_size, update_interval=3)
+    result = train_expert(model, random_lm_data(32), TrainingConfig(epochs=2, batch_size=4, learning_rate=1e-2,
+                                                                      progress=False), adapter=cfg)
+    assert result.steps == 16 and result.mask_updates == 2  # steps 3 and 6 of the 8 in epoch 1
+    for layer in adapter_layers(model).values():
+        assert layer.phase == FIXED
+        assert layer.kept_count == cfg.kept_count(192, 64)
+    assert result.trainable_params == 2 * cfg.kept_count(192, 64) * (block_size or 1) ** 2
+
+
+def test_after_the_mask_epochs_no_update_reaches_unmasked_entries():
+    model = tiny_phi3()
+    cfg = SparseAdapterConfig(keep_ratio=0.1, update_interval=2)
+    data = random_lm_data(16)
+    train_expert(model, data, TrainingConfig(epochs=1, batch_size=4, learning_rate=1e-2, progress=False), adapter=cfg)
+    layers = adapter_layers(model)
+    dense_before = {n: l.delta_weight().clone() for n, l in layers.items()}
+    masks = {n: l.to_sparse().mask() for n, l in layers.items()}
+    # keep training in the fixed phase with a fresh loop: only kept entries move
+    train_expert(model, data, TrainingConfig(epochs=1, batch_size=4, learning_rate=1e-2, progress=False))
+    for n, layer in layers.items():
+        after = layer.delta_weight()
+        assert not after[~masks[n]].any()
+        assert not torch.equal(after[masks[n]], dense_before[n][masks[n]])
+        assert layer.delta.numel() == int(masks[n].sum())
+
+
+@pytest.mark.parametrize("stop_after", [3, 11])  # inside the mask epoch, and after the freeze
+def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path, stop_after):
+    cfg = SparseAdapterConfig(keep_ratio=0.1, update_interval=2)
+    data = random_lm_data(32)
+
+    def run(ckpt, collate=None, resume=False, model=None):
+        model = model or tiny_phi3()
+        if not adapter_layers(model):
+            attach(model, cfg)
+        tc = TrainingConfig(epochs=2, batch_size=4, grad_accum=2, learning_rate=1e-2, progress=False,
+                            checkpoint_dir=str(ckpt), checkpoint_every=1)
+        return model, train_expert(model, data, tc, collate_fn=collate, resume=resume)
+
+    straight, result = run(tmp_path / "a")
+    interrupted = tiny_phi3()
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", collate=_collate_failing_after(stop_after), model=interrupted)
+    counting = _collate_failing_after(10**6)
+    resumed_model, resumed = run(tmp_path / "b", collate=counting, resume=True)
+    # it really continued: only the micro-batches after the last checkpoint were drawn
+    assert counting.__closure__[0].cell_contents["n"] == 16 - (stop_after - stop_after % 2)
+    assert resumed.steps == result.steps and resumed.losses == result.losses
+    a, b = adapter_layers(straight), adapter_layers(resumed_model)
+    for name in a:
+        assert torch.equal(a[name].indices, b[name].indices)
+        assert torch.equal(a[name].delta, b[name].delta)
+
+
+def test_a_corrupt_checkpoint_is_refused(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    model = tiny_phi3()
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        train_expert(model, random_lm_data(8), TrainingConfig(epochs=1, batch_size=4, progress=False,
+                                                              checkpoint_dir=str(tmp_path)),
+                     adapter=SparseAdapterConfig(), resume=True)
+
+
+def test_empty_dataset_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        train_expert(tiny_phi3(), [], TrainingConfig(progress=False), adapter=SparseAdapterConfig())
+
+
+def test_hugging_face_trainer_with_the_callback_runs_algorithm_1(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_phi3()
+    cfg = SparseAdapterConfig(keep_ratio=0.1, update_interval=2)
+    attach(model, cfg)
+    callback = SparseAdapterCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, logging_steps=100, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    data = random_lm_data(16)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    base = {n: l.base.weight.clone() for n, l in adapter_layers(model).items()}
+    out = trainer.train()
+    assert callback.schedule.updates == 2  # steps 2 and 4 of epoch 1
+    for name, layer in adapter_layers(model).items():
+        assert layer.phase == FIXED and layer.kept_count == cfg.kept_count(192, 64)
+        assert layer.delta.abs().sum() > 0  # the kept values trained in epoch 2
+        assert torch.equal(layer.base.weight, base[name])
+    assert out.global_step == 8
