@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="methods to train (default: all four)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
     demo.add_argument("--cache-dir", default=None, help="base model cache (default: $SPARSE_ENGINE_CACHE or ~/.cache/sparse-engine)")
-    demo.add_argument("--epochs", type=int, default=3, help="epochs per expert (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=5, help="epochs per expert, as in the paper (default: %(default)s)")
     demo.add_argument("--update-interval", type=int, default=20,
                       help="mask update interval in steps (default: %(default)s, the paper's 100 scaled to the demo's epoch)")
     demo.add_argument("--seed", type=int, default=0)

@@ -126,7 +126,7 @@ def summary_rows(results: dict, total_params: int | None = None) -> list[dict]:
     return rows
 
 
-def run_demo(*, tasks=DEMO_TASKS, n_train: int = 800, n_test: int = 100, epochs: int = 3,
+def run_demo(*, tasks=DEMO_TASKS, n_train: int = 800, n_test: int = 100, epochs: int = 5,
              batch_size: int = 16, update_interval: int = 20, methods=METHODS, out_dir="runs/demo",
              cache_dir=None, seed: int = 0, progress: bool = True, base_spec=None) -> dict:
     """The paper's single-task comparison on the built-in suite, end to end on a CPU.

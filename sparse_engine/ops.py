@@ -131,7 +131,7 @@ class BlockDeltaLinear(torch.autograd.Function):
         dx = impl.block_grad_input(dy, weight, blocks, block_indices, **kwargs) if ctx.needs_input_grad[0] else None
         dblocks = None
         if ctx.needs_input_grad[3]:
-            dblocks = impl.block_grad_blocks(dy, x, block_indices, blocks.shape[-1])
+            dblocks = impl.block_grad_blocks(dy, x, block_indices, blocks.shape[-1], **kwargs)
         return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), dblocks, None, None, None
 
 

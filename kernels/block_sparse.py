@@ -1,0 +1,790 @@
+"""Triton kernels for 16×16 block-sparse adapters: ΔW given as ``blocks [n, B, B]`` at int32
+sorted flat block ids ``row_block * (d_in // B) + col_block`` of the ``(d_out, d_in)`` weight.
+
+Launchers (drop-in for the twins in ``kernels/reference.py``; extra arguments are keyword-only):
+
+* ``block_delta_matmul(x, blocks, block_indices, d_out, out=None)``: y (+)= x·ΔWᵀ (DSD, issue 5 item 1a)
+* ``block_delta_grad_input(dy, blocks, block_indices, d_in, out=None)``: dX (+)= dY·ΔW (DSD, item 1b)
+* ``block_grad_blocks(dy, x, block_indices, block_size)``: fp32 dYᵀX at the kept tiles only (SDD, 1c)
+* ``block_delta_linear(x, weight, blocks, block_indices, bias=None)``: y = x(W + ΔW)ᵀ + b, the kept
+  blocks added into the base-weight tiles inside one GEMM (1d)
+* ``block_grad_input(dy, weight, blocks, block_indices)``: dX = dY(W + ΔW), fused the same way
+* ``build_block_slot_map`` / ``build_block_layout``: index structures, built and validated once.
+
+Index structures. ``slot_map`` is int32 ``[d_out/B, d_in/B]``: entry = the position of the
+tile's block in ``blocks``, -1 when the tile is absent (the fused GEMMs use it). ``BlockLayout``
+adds CSR (row pointers + column ids, in the blocks' own sorted order), CSC (column pointers +
+a permutation of the slots) and the per-row chunk list of the SDD kernel. Without either,
+each launcher derives what it needs from ``block_indices`` with a few device ops (no host
+sync) after validating the ids (one host sync). With ``slot_map=``/``layout=`` the ids are
+trusted: they were validated when the structure was built.
+
+Kernel design (cost ~ number of kept blocks, except the fused GEMMs which are dense by
+definition):
+
+* DSD (delta forward / delta dX): one program per (output block column, BLOCK_M tokens).
+  It walks only that output column's kept blocks (CSR row for y = xΔWᵀ, CSC column for
+  dX = dYΔW), KG blocks per step: the KG 16-wide input slices they touch are gathered
+  into one [BLOCK_M, KG·B] operand and the KG blocks stacked into [KG·B, B], one tl.dot.
+  Absent blocks are never read; an output column with no block is written as zeros
+  (or left untouched when accumulating).
+* SDD (dBlocks): one program per chunk of up to KG kept blocks of one block row. It
+  streams all tokens once: dY's 16 columns of that row are loaded once per token tile and
+  shared by the KG blocks, whose x slices are gathered into [KG·B, BLOCK_K]; the product
+  is only formed at kept tiles (never a dense dW). The chunk list is derived on device;
+  programs find their chunk by a binary search over per-row chunk offsets.
+* Fused GEMMs: a standard grouped-order GEMM computed transposed (accᵀ[BLOCK_P, BLOCK_M] =
+  W_eff tile · Aᵀ tile) so the modified weight tile is the register-side operand. Each
+  BLOCK_Q step is cut in B-wide sub-steps; per sub-step the slot of each B-row group is one
+  gathered int32, the block's B×B values are loaded with a mask (absent tiles fetch nothing)
+  and added to the base tile in fp32, then cast to the activations' dtype, exactly like
+  the reference (W + ΔW formed in fp32, cast, matmul).
+
+Numerics: fp32 accumulation everywhere; fp32 inputs use IEEE dots (not tf32) so fp32 results
+match PyTorch's fp32 matmul. In the interpreter bf16 arithmetic is wrong, so bf16 tiles are
+upcast to fp32 after loading (``UPCAST``, set only when interpreting).
+
+Compiled for sm_90 without a GPU (``benchmarks/bench_block_sparse.py --compile-check``,
+triton 3.6 and 3.9): every autotune config compiles with no spills, the gathered x / dY
+slices load through cp.async (LDGSTS, no scalar loads), the matrix products are HGMMA
+(wgmma) from BLOCK_M/KG·B >= 64 on, and in the fused GEMMs the W + ΔW tile feeds HGMMA
+from registers.
+
+Performance model (not measured yet; Phi-3 qkv 9216×3072, keep 0.1 → 11 059 blocks, 8192
+tokens, bf16). Useful work 46 GFLOP; the fewest bytes (x, y, blocks once) 0.21 GB; the dense
+delta matmul is 464 GFLOP (~0.6 ms on an H100). A 16×16 block is used by 16 outputs only,
+so each kept block re-reads its 16-wide x slice for every token tile: the DSD moves about
+M·n·32 B = 2.9 GB from L2 (plus blocks·M/BLOCK_M), and the SDD about 1.25× that (the x slice
+per block, the dY slice shared by a chunk). Random 16×16 patterns share too few columns per
+row for on-chip reuse, so at keep 0.1 both are L2-bandwidth-bound rather than
+tensor-core-bound: the expected gain over dense is a small factor there and grows as the
+keep ratio falls (time ~ kept blocks). The fused GEMMs should sit near a plain Triton GEMM.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _triton
+from .reference import build_block_slot_map, validate_block_indices
+
+__all__ = [
+    "BlockLayout",
+    "build_block_layout",
+    "build_block_slot_map",
+    "block_delta_matmul",
+    "block_delta_grad_input",
+    "block_grad_blocks",
+    "block_delta_linear",
+    "block_grad_input",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Benchmark every fitting config on the first call of each shape class (GPU only). Off
+# (SPARSE_ENGINE_AUTOTUNE=0, or set this attribute): one default config per token bucket,
+# which keeps first calls cheap (e.g. test suites on a GPU).
+AUTOTUNE: bool = os.environ.get("SPARSE_ENGINE_AUTOTUNE", "1") != "0"
+# SDD: blocks of one row handled by one program (chunk size); KG·B = 64 columns of x per step.
+_SDD_COLS = 64
+
+
+# ============================================================================ kernels
+
+
+@triton.jit
+def _operand(v, CT: tl.constexpr, UPCAST: tl.constexpr):
+    """Cast a loaded tile to the compute dtype ``CT``; in the interpreter, bf16 continues as fp32."""
+    v = v.to(CT)
+    if UPCAST:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def _dsd_configs():
+    if _triton.INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "KG": 2}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm in (16, 32, 64, 128):
+        for kg in (2, 4, 8):
+            for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                if bm <= 32 and warps == 8:
+                    continue
+                cfgs.append(triton.Config({"BLOCK_M": bm, "KG": kg}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _prune_by_m(block_name: str, defaults: tuple = ()):
+    """Drop configs whose token tile is larger than the token count (keep the smallest).
+
+    With ``AUTOTUNE`` off, keep one config: the first of ``defaults`` ((kwargs, warps, stages),
+    in order of preference) that fits, else the first fitting config.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 1 << 30))
+        keep = [c for c in configs if c.kwargs[block_name] <= max(16, m_bucket)]
+        keep = keep or [min(configs, key=lambda c: c.kwargs[block_name])]
+        if AUTOTUNE:
+            return keep
+        for want, warps, stages in defaults:
+            for c in keep:
+                if c.kwargs == want and c.num_warps == warps and c.num_stages == stages:
+                    return [c]
+        return keep[:1]
+
+    return prune
+
+
+@triton.autotune(
+    configs=_dsd_configs(),
+    key=["M_BUCKET", "D_BUCKET", "n_out_blocks", "B"],
+    prune_configs_by={"early_config_prune": _prune_by_m("BLOCK_M", tuple(
+        ({"BLOCK_M": bm, "KG": 4}, 4, 3) for bm in (128, 64, 32, 16)))},
+    restore_value=["c_ptr"],
+)
+@triton.jit
+def _dsd_kernel(
+    a_ptr, blk_ptr, ptr_ptr, slot_ptr, other_ptr, c_ptr,
+    M, M_BUCKET, D_BUCKET, n_out_blocks,
+    stride_am, stride_ak, stride_cm, stride_cn,
+    stride_bs, stride_bt, stride_bo,
+    B: tl.constexpr, BLOCK_M: tl.constexpr, KG: tl.constexpr,
+    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """C[:, o·B:(o+1)·B] (+)= Σ_j A[:, other_j·B:(other_j+1)·B] · Bop_j over the entries j of output column o.
+
+    Bop_j[t, u] = blocks[slot_j, ...] read through (stride_bt, stride_bo): for y = xΔWᵀ the
+    entries are a CSR row (other = column block, Bop = blockᵀ); for dX = dYΔW a CSC column
+    (other = row block, Bop = block).
+    """
+    pid_o = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    CT: tl.constexpr = a_ptr.dtype.element_ty
+    start = tl.load(ptr_ptr + pid_o)
+    end = tl.load(ptr_ptr + pid_o + 1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    kk = tl.arange(0, KG * B)
+    g = kk // B
+    t = kk % B
+    u = tl.arange(0, B)
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    for j0 in range(start, end, KG):
+        j = j0 + g
+        valid = j < end
+        slot = tl.load(slot_ptr + j, mask=valid, other=0)
+        other = tl.load(other_ptr + j, mask=valid, other=0)
+        cols = tl.max_contiguous(tl.multiple_of(other * B + t, B), B)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + cols[None, :] * stride_ak,
+            mask=m_mask[:, None] & valid[None, :],
+            other=0.0,
+        )
+        bop = tl.load(
+            blk_ptr + slot[:, None] * stride_bs + t[:, None] * stride_bt + u[None, :] * stride_bo,
+            mask=valid[:, None],
+            other=0.0,
+        )
+        acc = _mma(_operand(a, CT, UPCAST), _operand(bop, CT, UPCAST), acc, IEEE)
+
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + (pid_o * B + u)[None, :] * stride_cn
+    c_mask = m_mask[:, None]
+    if ACCUMULATE:
+        if end > start:
+            prev = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+            tl.store(c_ptrs, (prev + acc).to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _sdd_configs():
+    if _triton.INTERPRET:
+        return [triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bk in (32, 64, 128)
+        for w, s in ((4, 3), (4, 4), (8, 3))
+    ]
+
+
+@triton.autotune(
+    configs=_sdd_configs(),
+    key=["M_BUCKET", "D_BUCKET", "n_rb", "B", "KG"],
+    prune_configs_by={"early_config_prune": _prune_by_m("BLOCK_K", (({"BLOCK_K": 64}, 4, 3),))},
+    restore_value=["c_ptr"],
+)
+@triton.jit
+def _sdd_kernel(
+    dy_ptr, x_ptr, row_ptr_ptr, chunk_ptr_ptr, cols_ptr, c_ptr,
+    M, M_BUCKET, D_BUCKET, n_rb, n_search,
+    stride_dm, stride_dn, stride_xm, stride_xk,
+    stride_cs, stride_co, stride_ct,
+    B: tl.constexpr, KG: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dBlocks[j] (+)= dY[:, r·B:(r+1)·B]ᵀ · X[:, c_j·B:(c_j+1)·B] for a chunk of ≤ KG kept blocks j of row r."""
+    pid = tl.program_id(0)
+    CT: tl.constexpr = x_ptr.dtype.element_ty
+    total = tl.load(chunk_ptr_ptr + n_rb)
+    active = pid < total
+    # the last row r with chunk_ptr[r] <= pid (rows without blocks own no chunk)
+    lo = pid * 0
+    hi = lo + n_rb
+    for _ in range(n_search):
+        mid = (lo + hi) // 2
+        below = tl.load(chunk_ptr_ptr + mid) <= pid
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    r = lo
+    row_start = tl.load(row_ptr_ptr + r)
+    row_end = tl.load(row_ptr_ptr + r + 1)
+    first = row_start + (pid - tl.load(chunk_ptr_ptr + r)) * KG
+
+    kk = tl.arange(0, KG * B)
+    g = kk // B
+    t = kk % B
+    u = tl.arange(0, B)
+    j = first + g
+    valid = j < tl.where(active, row_end, first)  # inactive programs touch nothing
+    col = tl.load(cols_ptr + j, mask=valid, other=0)
+    xcols = tl.max_contiguous(tl.multiple_of(col * B + t, B), B)
+    dycols = r * B + u
+
+    # accᵀ[g·B + t, u] = Σ_m X[m, c_g·B + t] · dY[m, r·B + u]
+    acc = tl.zeros((KG * B, B), dtype=tl.float32)
+    m_stop = tl.where(active, M, 0)
+    for m0 in range(0, m_stop, BLOCK_K):
+        offs = m0 + tl.arange(0, BLOCK_K)
+        mm = offs < M
+        xt = tl.load(
+            x_ptr + xcols[:, None] * stride_xk + offs[None, :] * stride_xm,
+            mask=valid[:, None] & mm[None, :],
+            other=0.0,
+        )
+        dyt = tl.load(dy_ptr + offs[:, None] * stride_dm + dycols[None, :] * stride_dn, mask=mm[:, None], other=0.0)
+        acc = _mma(_operand(xt, CT, UPCAST), _operand(dyt, CT, UPCAST), acc, IEEE)
+
+    c_ptrs = c_ptr + j[:, None] * stride_cs + u[None, :] * stride_co + t[:, None] * stride_ct
+    c_mask = valid[:, None]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+    tl.store(c_ptrs, acc, mask=c_mask)
+
+
+def _fused_configs():
+    if _triton.INTERPRET:
+        return [triton.Config({"BLOCK_P": 32, "BLOCK_M": 32, "BLOCK_Q": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bp, bm, bq, w, s in (
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 32, 64, 4, 4),
+        (128, 16, 128, 4, 4),
+        (64, 16, 128, 4, 4),
+        (32, 16, 128, 4, 4),  # decode: enough programs to stream W from every SM
+        (32, 32, 128, 4, 4),
+        (64, 32, 64, 4, 5),
+    ):
+        cfgs.append(triton.Config({"BLOCK_P": bp, "BLOCK_M": bm, "BLOCK_Q": bq, "GROUP": 8}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+@triton.autotune(
+    configs=_fused_configs(),
+    key=["M_BUCKET", "P", "Q", "B"],
+    prune_configs_by={"early_config_prune": _prune_by_m("BLOCK_M", (
+        ({"BLOCK_P": 128, "BLOCK_M": 128, "BLOCK_Q": 64, "GROUP": 8}, 8, 3),
+        ({"BLOCK_P": 128, "BLOCK_M": 64, "BLOCK_Q": 64, "GROUP": 8}, 4, 4),
+        ({"BLOCK_P": 128, "BLOCK_M": 32, "BLOCK_Q": 64, "GROUP": 8}, 4, 4),
+        ({"BLOCK_P": 32, "BLOCK_M": 16, "BLOCK_Q": 128, "GROUP": 8}, 4, 4),
+    ))},
+)
+@triton.jit
+def _fused_kernel(
+    a_ptr, w_ptr, blk_ptr, slot_ptr, bias_ptr, c_ptr,
+    M, M_BUCKET, P, Q,
+    stride_am, stride_aq, stride_wp, stride_wq,
+    stride_sp, stride_sq, stride_bs, stride_bp, stride_bq,
+    stride_cm, stride_cp,
+    B: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """C[m, p] = Σ_q A[m, q] · W_eff[p, q] (+ bias[p]), W_eff = W + ΔW formed in fp32 and cast to A's dtype.
+
+    W_eff[p, q] = W[p·stride_wp + q·stride_wq] + blocks[slot(p//B, q//B), p%B, q%B] (through the
+    stride arguments): the forward uses (p, q) = (out, in), the input gradient (in, out).
+    """
+    pid = tl.program_id(0)
+    CT: tl.constexpr = a_ptr.dtype.element_ty
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_p = tl.cdiv(P, BLOCK_P)
+    per_group = GROUP * n_p
+    group = pid // per_group
+    first_m = group * GROUP
+    group_size = tl.minimum(n_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_p = (pid % per_group) // group_size
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_mask = offs_p < P
+    m_mask = offs_m < M
+    v = tl.arange(0, B)
+    p_block = offs_p // B
+    inner = (offs_p % B)[:, None] * stride_bp + v[None, :] * stride_bq
+
+    acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        for s in tl.static_range(BLOCK_Q // B):
+            qb = q0 // B + s
+            offs_q = q0 + s * B + v
+            q_mask = offs_q < Q
+            w = tl.load(
+                w_ptr + offs_p[:, None] * stride_wp + offs_q[None, :] * stride_wq,
+                mask=p_mask[:, None] & q_mask[None, :],
+                other=0.0,
+            )
+            slot = tl.load(slot_ptr + p_block * stride_sp + qb * stride_sq, mask=p_mask & (p_block * 0 + qb * B < Q), other=-1)
+            d = tl.load(blk_ptr + slot[:, None] * stride_bs + inner, mask=(slot >= 0)[:, None], other=0.0)
+            w_eff = _operand(w.to(tl.float32) + d.to(tl.float32), CT, UPCAST)
+            at = tl.load(
+                a_ptr + offs_q[:, None] * stride_aq + offs_m[None, :] * stride_am,
+                mask=q_mask[:, None] & m_mask[None, :],
+                other=0.0,
+            )
+            acc = _mma(w_eff, _operand(at, CT, UPCAST), acc, IEEE)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_p, mask=p_mask, other=0.0).to(tl.float32)
+        acc += bias[:, None]
+    c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_p[:, None] * stride_cp
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=p_mask[:, None] & m_mask[None, :])
+
+
+# ========================================================================== layouts
+
+
+class BlockLayout(NamedTuple):
+    """Validated index structures of one block-sparse delta (see the module docstring)."""
+
+    shape: tuple[int, int]
+    block_size: int
+    n_blocks: int
+    block_indices: torch.Tensor  # int32 [n] sorted flat block ids
+    slot_map: torch.Tensor  # int32 [d_out/B, d_in/B], -1 = absent
+    row_ptr: torch.Tensor  # int32 [d_out/B + 1] CSR row pointers into the sorted blocks
+    csr_slots: torch.Tensor  # int32 [n] = arange(n)
+    csr_cols: torch.Tensor  # int32 [n] column block of each block
+    col_ptr: torch.Tensor  # int32 [d_in/B + 1] CSC column pointers
+    csc_slots: torch.Tensor  # int32 [n] slots in column-major order
+    csc_rows: torch.Tensor  # int32 [n] row block of each CSC entry
+    chunk_ptr: torch.Tensor  # int32 [d_out/B + 1] SDD chunk offsets per row
+
+
+def _grid_of(shape, block_size):
+    return shape[0] // block_size, shape[1] // block_size
+
+
+def _csr(block_indices, n_rb, n_cb):
+    dev = block_indices.device
+    bounds = torch.arange(n_rb + 1, device=dev, dtype=torch.int64) * n_cb
+    row_ptr = torch.searchsorted(block_indices.long(), bounds).to(torch.int32)
+    cols = (block_indices % n_cb).to(torch.int32)
+    slots = torch.arange(block_indices.numel(), device=dev, dtype=torch.int32)
+    return row_ptr, slots, cols
+
+
+def _csc(block_indices, n_rb, n_cb):
+    dev = block_indices.device
+    bi = block_indices.long()
+    rows, cols = bi // n_cb, bi % n_cb
+    keys = cols * n_rb + rows
+    keys_sorted, perm = torch.sort(keys)
+    bounds = torch.arange(n_cb + 1, device=dev, dtype=torch.int64) * n_rb
+    col_ptr = torch.searchsorted(keys_sorted, bounds).to(torch.int32)
+    return col_ptr, perm.to(torch.int32), rows[perm].to(torch.int32)
+
+
+def _chunks(row_ptr, kg):
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    per_row = (counts + kg - 1) // kg
+    chunk_ptr = torch.zeros(row_ptr.numel(), dtype=torch.int64, device=row_ptr.device)
+    chunk_ptr[1:] = torch.cumsum(per_row, 0)
+    return chunk_ptr.to(torch.int32)
+
+
+def _sdd_kg(block_size):
+    return max(1, _SDD_COLS // block_size)
+
+
+def build_block_layout(block_indices: torch.Tensor, shape, block_size: int = 16) -> BlockLayout:
+    """Validate ``block_indices`` once and build every index structure the launchers use."""
+    _check_block_size(block_size)
+    shape = (int(shape[0]), int(shape[1]))
+    slot_map = build_block_slot_map(block_indices, shape, block_size)
+    n_rb, n_cb = _grid_of(shape, block_size)
+    row_ptr, csr_slots, csr_cols = _csr(block_indices, n_rb, n_cb)
+    col_ptr, csc_slots, csc_rows = _csc(block_indices, n_rb, n_cb)
+    return BlockLayout(
+        shape, block_size, int(block_indices.numel()), block_indices, slot_map,
+        row_ptr, csr_slots, csr_cols, col_ptr, csc_slots, csc_rows, _chunks(row_ptr, _sdd_kg(block_size)),
+    )
+
+
+# ======================================================================= validation
+
+
+def _check_block_size(block_size):
+    if not isinstance(block_size, int) or isinstance(block_size, bool):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernels, got {block_size}")
+
+
+def _check_float(name, t, allowed=_FLOAT_DTYPES):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {allowed}, got {t.dtype}")
+
+
+def _check_device(device, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
+    if not _triton.triton_usable_for(torch.empty(0, device=device)):
+        raise RuntimeError(
+            f"the Triton block-sparse kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}"
+        )
+
+
+def _check_blocks(blocks, block_indices, block_size=None):
+    _check_float("blocks", blocks)
+    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+        raise ValueError(f"blocks must be [n, B, B], got shape {tuple(blocks.shape)}")
+    bs = int(blocks.shape[-1])
+    if block_size is not None and bs != block_size:
+        raise ValueError(f"blocks are {bs}x{bs} but block_size={block_size}")
+    _check_block_size(bs)
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32:
+        raise TypeError(f"block_indices must be an int32 tensor, got {getattr(block_indices, 'dtype', type(block_indices))}")
+    if block_indices.dim() != 1 or block_indices.shape[0] != blocks.shape[0]:
+        raise ValueError(
+            f"block_indices must be 1-D with one id per block ({blocks.shape[0]}), got shape {tuple(block_indices.shape)}"
+        )
+    return bs
+
+
+def _check_shape(shape, bs):
+    if shape[0] % bs or shape[1] % bs:
+        raise ValueError(f"weight shape {tuple(shape)} is not a multiple of the block size {bs}")
+
+
+def _resolve(block_indices, shape, bs, slot_map, layout, need):
+    """Index structures for this call: from ``layout``, else ``slot_map`` (trusted), else validated ids.
+
+    ``need``: subset of {"slot_map", "csr", "csc", "chunks"}.
+    """
+    n_rb, n_cb = _grid_of(shape, bs)
+    if layout is not None:
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout from build_block_layout, got {type(layout).__name__}")
+        if tuple(layout.shape) != tuple(shape) or layout.block_size != bs or layout.n_blocks != block_indices.numel():
+            raise ValueError(
+                f"layout was built for shape {layout.shape}, block size {layout.block_size}, {layout.n_blocks} blocks; "
+                f"got shape {tuple(shape)}, block size {bs}, {block_indices.numel()} blocks"
+            )
+        if layout.slot_map.device != block_indices.device:
+            raise ValueError(f"layout is on {layout.slot_map.device} but block_indices are on {block_indices.device}")
+        return {
+            "slot_map": layout.slot_map,
+            "csr": (layout.row_ptr, layout.csr_slots, layout.csr_cols),
+            "csc": (layout.col_ptr, layout.csc_slots, layout.csc_rows),
+            "chunks": layout.chunk_ptr,
+        }
+    if slot_map is not None:
+        if not isinstance(slot_map, torch.Tensor) or slot_map.dtype != torch.int32:
+            raise TypeError(f"slot_map must be an int32 tensor, got {getattr(slot_map, 'dtype', type(slot_map))}")
+        if tuple(slot_map.shape) != (n_rb, n_cb):
+            raise ValueError(f"slot_map must have shape {(n_rb, n_cb)} (the block grid), got {tuple(slot_map.shape)}")
+        if slot_map.device != block_indices.device:
+            raise ValueError(f"slot_map is on {slot_map.device} but block_indices are on {block_indices.device}")
+    elif "slot_map" in need:
+        slot_map = build_block_slot_map(block_indices, shape, bs)  # validates the ids (one host sync)
+    else:
+        validate_block_indices(block_indices, n_rb, n_cb)  # one host sync
+    out = {"slot_map": slot_map}
+    if "csr" in need or "chunks" in need:
+        out["csr"] = _csr(block_indices, n_rb, n_cb)
+        if "chunks" in need:
+            out["chunks"] = _chunks(out["csr"][0], _sdd_kg(bs))
+    if "csc" in need:
+        out["csc"] = _csc(block_indices, n_rb, n_cb)
+    return out
+
+
+_MAX_ELEMENTS = 2**31 - 1  # kernel offsets are 32-bit
+
+
+def _flat(t, name, last):
+    if t.dim() < 1 or t.shape[-1] != last:
+        raise ValueError(f"{name} must have last dimension {last}, got shape {tuple(t.shape)}")
+    flat = t.reshape(-1, last)
+    if (flat.shape[0] - 1) * abs(flat.stride(0)) + (last - 1) * abs(flat.stride(1)) >= _MAX_ELEMENTS:
+        raise ValueError(f"{name} spans 2**31 elements or more; split the tokens into smaller batches")
+    return flat
+
+
+def _m_bucket(m):
+    return min(triton.next_power_of_2(max(int(m), 1)), 1 << 14)
+
+
+def _bucket(n_blocks, n_lines):
+    """Autotune key for the density: blocks per block row / column, rounded up to a power of two."""
+    return triton.next_power_of_2(max(1, -(-int(n_blocks) // max(1, int(n_lines)))))
+
+
+def _upcast(dtype):
+    return bool(_triton.INTERPRET and dtype == torch.bfloat16)
+
+
+def _check_out(out, shape, dtype, device, name="out"):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if out.device != device:
+        raise ValueError(f"{name} is on {out.device}, expected {device}")
+
+
+def _out_2d(out, m, p):
+    """A 2-D view of ``out`` sharing its memory (the kernel writes through it)."""
+    try:
+        view = out.view(m, p)
+    except RuntimeError as exc:  # strides that cannot be flattened without a copy
+        raise ValueError("out must be viewable as [tokens, features] without a copy (e.g. contiguous)") from exc
+    return _flat(view, "the output", p)
+
+
+# ======================================================================== launchers
+
+
+def _dsd(a, blocks, entries, n_out_blocks, bs, out, accumulate, transpose_blocks):
+    """Shared launcher of the delta-only DSD products (y = xΔWᵀ and dX = dYΔW)."""
+    m, k = a.shape
+    ptr, slots, other = entries
+    c = out
+    if m == 0:
+        return
+    if blocks.shape[0] == 0:
+        if not accumulate:
+            c.zero_()
+        return
+    sb = blocks.stride()
+    stride_bt, stride_bo = (sb[2], sb[1]) if transpose_blocks else (sb[1], sb[2])
+    grid = lambda meta: (n_out_blocks, triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    _dsd_kernel[grid](
+        a, blocks, ptr, slots, other, c,
+        m, _m_bucket(m), _bucket(blocks.shape[0], n_out_blocks), n_out_blocks,
+        a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+        sb[0], stride_bt, stride_bo,
+        B=bs, ACCUMULATE=bool(accumulate), IEEE=a.dtype == torch.float32, UPCAST=_upcast(a.dtype),
+    )
+
+
+def block_delta_matmul(x, blocks, block_indices, d_out: int, out=None, *, accumulate: bool = True,
+                       slot_map=None, layout=None):
+    """y (+)= x·ΔWᵀ reading only the kept blocks. ``x [..., d_in]`` → ``[..., d_out]`` in x's dtype.
+
+    ``out`` given: the product is added into it (``accumulate=False``: overwritten) and it is
+    returned. Each block is cast to x's dtype before the product (like the reference).
+    """
+    _check_float("x", x)
+    bs = _check_blocks(blocks, block_indices)
+    d_in = x.shape[-1] if x.dim() else 0
+    shape = (int(d_out), int(d_in))
+    _check_shape(shape, bs)
+    _check_device(x.device, blocks=blocks, block_indices=block_indices)
+    idx = _resolve(block_indices, shape, bs, slot_map, layout, {"csr"})
+    x2 = _flat(x, "x", d_in)
+    out_shape = (*x.shape[:-1], shape[0])
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+        accumulate = False
+    else:
+        _check_out(out, out_shape, x.dtype, x.device)
+    c = _out_2d(out, x2.shape[0], shape[0])
+    _dsd(x2, blocks, idx["csr"], shape[0] // bs, bs, c, accumulate, transpose_blocks=True)
+    return out
+
+
+def block_delta_grad_input(dy, blocks, block_indices, d_in: int, out=None, *, accumulate: bool = True,
+                           slot_map=None, layout=None):
+    """dX (+)= dY·ΔW reading only the kept blocks. ``dy [..., d_out]`` → ``[..., d_in]`` in dy's dtype."""
+    _check_float("dy", dy)
+    bs = _check_blocks(blocks, block_indices)
+    d_out = dy.shape[-1] if dy.dim() else 0
+    shape = (int(d_out), int(d_in))
+    _check_shape(shape, bs)
+    _check_device(dy.device, blocks=blocks, block_indices=block_indices)
+    idx = _resolve(block_indices, shape, bs, slot_map, layout, {"csc"})
+    dy2 = _flat(dy, "dy", d_out)
+    out_shape = (*dy.shape[:-1], shape[1])
+    if out is None:
+        out = torch.empty(out_shape, dtype=dy.dtype, device=dy.device)
+        accumulate = False
+    else:
+        _check_out(out, out_shape, dy.dtype, dy.device)
+    c = _out_2d(out, dy2.shape[0], shape[1])
+    _dsd(dy2, blocks, idx["csc"], shape[1] // bs, bs, c, accumulate, transpose_blocks=False)
+    return out
+
+
+def block_grad_blocks(dy, x, block_indices, block_size: int, *, out=None, accumulate: bool = False,
+                      slot_map=None, layout=None):
+    """fp32 ``[n, B, B]`` gradient of the blocks: (dYᵀX) at the kept tiles, computed only there (SDD).
+
+    ``out`` given: written (``accumulate=True``: added) in place and returned.
+    """
+    _check_float("dy", dy)
+    _check_float("x", x)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy and x must have the same dtype, got {dy.dtype} and {x.dtype}")
+    _check_block_size(block_size)
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32:
+        raise TypeError(f"block_indices must be an int32 tensor, got {getattr(block_indices, 'dtype', type(block_indices))}")
+    if block_indices.dim() != 1:
+        raise ValueError(f"block_indices must be 1-D, got shape {tuple(block_indices.shape)}")
+    if dy.dim() < 1 or x.dim() < 1 or dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"dy and x must share their leading (token) dims, got {tuple(dy.shape)} and {tuple(x.shape)}")
+    shape = (int(dy.shape[-1]), int(x.shape[-1]))
+    bs = block_size
+    _check_shape(shape, bs)
+    _check_device(x.device, dy=dy, block_indices=block_indices)
+    n = block_indices.numel()
+    idx = _resolve(block_indices, shape, bs, slot_map, layout, {"chunks"})
+    if out is None:
+        out = torch.empty((n, bs, bs), dtype=torch.float32, device=x.device)
+        accumulate = False
+    else:
+        _check_out(out, (n, bs, bs), torch.float32, x.device)
+    dy2, x2 = _flat(dy, "dy", shape[0]), _flat(x, "x", shape[1])
+    m = x2.shape[0]
+    if n == 0:
+        return out
+    if m == 0:
+        if not accumulate:
+            out.zero_()
+        return out
+    n_rb = shape[0] // bs
+    kg = _sdd_kg(bs)
+    row_ptr, _, cols = idx["csr"]
+    n_programs = triton.cdiv(n, kg) + min(n_rb, n)
+    n_search = max(1, (n_rb - 1).bit_length())
+    _sdd_kernel[(n_programs,)](
+        dy2, x2, row_ptr, idx["chunks"], cols, out,
+        m, _m_bucket(m), _bucket(n, n_rb), n_rb, n_search,
+        dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        B=bs, KG=kg, ACCUMULATE=bool(accumulate), IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype),
+    )
+    return out
+
+
+def _fused(a2, weight, blocks, slot_map, bias, c, p_dim, q_dim, bs, grad_input):
+    m = a2.shape[0]
+    if m == 0:
+        return
+    sw, ss, sb = weight.stride(), slot_map.stride(), blocks.stride()
+    if grad_input:  # C[m, k] = Σ_n dY[m, n] W_eff[n, k]: p = in (k), q = out (n)
+        stride_wp, stride_wq, stride_sp, stride_sq, stride_bp, stride_bq = sw[1], sw[0], ss[1], ss[0], sb[2], sb[1]
+    else:  # C[m, n] = Σ_k X[m, k] W_eff[n, k]: p = out (n), q = in (k)
+        stride_wp, stride_wq, stride_sp, stride_sq, stride_bp, stride_bq = sw[0], sw[1], ss[0], ss[1], sb[1], sb[2]
+    if blocks.numel() == 0:  # nothing is ever read through it (all slots are -1); keep a valid pointer
+        blocks = torch.zeros((1, bs, bs), dtype=torch.float32, device=a2.device)
+        sb = blocks.stride()
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p_dim, meta["BLOCK_P"]),)  # noqa: E731
+    _fused_kernel[grid](
+        a2, weight, blocks, slot_map, bias if bias is not None else a2, c,
+        m, _m_bucket(m), p_dim, q_dim,
+        a2.stride(0), a2.stride(1), stride_wp, stride_wq,
+        stride_sp, stride_sq, sb[0], stride_bp, stride_bq,
+        c.stride(0), c.stride(1),
+        B=bs, HAS_BIAS=bias is not None, IEEE=a2.dtype == torch.float32, UPCAST=_upcast(a2.dtype),
+    )
+
+
+def _check_weight(weight, bs):
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [d_out, d_in], got shape {tuple(weight.shape)}")
+    _check_shape(tuple(weight.shape), bs)
+
+
+def block_delta_linear(x, weight, blocks, block_indices, bias=None, *, out=None, slot_map=None, layout=None):
+    """y = x (W + ΔW)ᵀ + b in one GEMM: the kept blocks are added into the base-weight tiles.
+
+    W + ΔW is formed in fp32 and cast to x's dtype before the product (as the reference);
+    ``weight`` may be bf16/fp16/fp32. ``out`` given: overwritten and returned.
+    """
+    _check_float("x", x)
+    bs = _check_blocks(blocks, block_indices)
+    _check_weight(weight, bs)
+    d_out, d_in = (int(s) for s in weight.shape)
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        if tuple(bias.shape) != (d_out,):
+            raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    _check_device(x.device, weight=weight, blocks=blocks, block_indices=block_indices, bias=bias)
+    x2 = _flat(x, "x", d_in)
+    idx = _resolve(block_indices, (d_out, d_in), bs, slot_map, layout, {"slot_map"})
+    out_shape = (*x.shape[:-1], d_out)
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, out_shape, x.dtype, x.device)
+    c = _out_2d(out, x2.shape[0], d_out)
+    _fused(x2, weight, blocks, idx["slot_map"], bias, c, d_out, d_in, bs, grad_input=False)
+    return out
+
+
+def block_grad_input(dy, weight, blocks, block_indices, *, out=None, slot_map=None, layout=None):
+    """dX = dY (W + ΔW) in one GEMM (W + ΔW formed in fp32, cast to dy's dtype). ``out``: overwritten."""
+    _check_float("dy", dy)
+    bs = _check_blocks(blocks, block_indices)
+    _check_weight(weight, bs)
+    d_out, d_in = (int(s) for s in weight.shape)
+    _check_device(dy.device, weight=weight, blocks=blocks, block_indices=block_indices)
+    dy2 = _flat(dy, "dy", d_out)
+    idx = _resolve(block_indices, (d_out, d_in), bs, slot_map, layout, {"slot_map"})
+    out_shape = (*dy.shape[:-1], d_in)
+    if out is None:
+        out = torch.empty(out_shape, dtype=dy.dtype, device=dy.device)
+    else:
+        _check_out(out, out_shape, dy.dtype, dy.device)
+    c = _out_2d(out, dy2.shape[0], d_in)
+    _fused(dy2, weight, blocks, idx["slot_map"], None, c, d_in, d_out, bs, grad_input=True)
+    return out

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparse_engine.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["tasks"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(command + ["--help"])
+    assert exc.value.code == 0
+    assert "usage: sparse-engine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--keep-ratio", "0"], "keep_ratio must be in"),
+        (["--keep-ratio", "1.5"], "keep_ratio must be in"),
+        (["--target-modules", "nothing_like_this"], "match no nn.Linear"),
+    ],
+)
+def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, capsys, args, message, tiny_base_dir):
+    out = tmp_path / "out"
+    code = main(["train", "--tasks", "reverse_words", "--out", str(out), "--model", str(tiny_base_dir),
+                 "--n-train", "8", "--n-test", "4", "--epochs", "1", "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("error:") == 1
+    assert not out.exists()
+
+
+def test_unknown_task_and_empty_data(tmp_path, capsys):
+    assert main(["train", "--tasks", "no_such_task", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown built-in task" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["train", "--tasks", "x", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_on_flan_files_and_a_local_checkpoint(tmp_path, tiny_base_dir):
+    from sparse_engine import data
+
+    flan = tmp_path / "flan.jsonl"
+    data.write_flan_jsonl({"reverse_words": data.builtin_task_data("reverse_words", 16, 0, 4)}, flan)
+    out = tmp_path / "run"
+    code = main(["train", "--tasks", "reverse_words", "--data", str(flan), "--out", str(out), "--model",
+                 str(tiny_base_dir), "--epochs", "1", "--batch-size", "8", "--update-interval", "1", "--eval",
+                 "--max-length", "48", "--max-new-tokens", "8", "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["experts"][0]["task"] == "reverse_words"
+    assert (out / "adapters" / "reverse_words-sparse.safetensors").exists()
+    assert "expert Rouge-L" in (out / "results.md").read_text()
+
+
+def test_console_entry_point_module_runs():
+    proc = subprocess.run([sys.executable, "-m", "sparse_engine.cli", "tasks", "--group", "held_out"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "sort_descending" in proc.stdout and "held_out (10)" in proc.stdout
