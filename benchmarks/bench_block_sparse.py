@@ -26,12 +26,12 @@ registers, shared memory, spills and the matrix-instruction mix.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import subprocess
 import sys
+
+from common import append_rows, run_metadata  # benchmarks/common.py (the script's folder)
 
 _DEVICE = "cuda"  # the timed device (a module constant so a CPU dry run of the script's logic can swap it)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,16 +75,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------- helpers
-
-
-def _git_commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - no git / no commit yet
-        return "unknown"
 
 
 def _import_kernels():
@@ -260,7 +250,6 @@ def run_bench(args):
               "use --smoke for a small correctness run or --compile-check to compile for sm_90.")
         return 0
     import torch.nn.functional as F
-    import triton
     from triton.testing import do_bench
 
     bsk, ref = _import_kernels()
@@ -271,16 +260,8 @@ def run_bench(args):
     n_rb, n_cb = d_out // bs, d_in // bs
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
-    meta = {
-        "bench": "block_sparse",
-        "device": torch.cuda.get_device_name(dev),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['git_commit']}")
+    meta = run_metadata("block_sparse")
+    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}")
     print(f"weight {d_out}x{d_in} {args.dtype}, {bs}x{bs} blocks, L2 {l2 >> 20} MiB")
     gen = torch.Generator().manual_seed(args.seed)
     w = (torch.randn(d_out, d_in, generator=gen) * 0.02).to(dtype).to(dev)
@@ -360,11 +341,7 @@ def run_bench(args):
     if args.no_record:
         print("--no-record: nothing appended")
     else:
-        os.makedirs(os.path.dirname(args.results), exist_ok=True)
-        with open(args.results, "a", encoding="utf-8") as f:
-            for rec in rows:
-                f.write(json.dumps(rec) + "\n")
-        print(f"appended {len(rows)} rows to {args.results}")
+        append_rows(args.results, rows)
     return 0
 
 

@@ -29,11 +29,11 @@ gradient; no fp32 buffer of the weight's size once the mask is fixed.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import subprocess
 import sys
+
+from common import append_rows, run_metadata  # benchmarks/common.py (the script's folder)
 
 import torch
 
@@ -241,15 +241,6 @@ def score_bytes(name, d_out, d_in):
 # ----------------------------------------------------------------------------- measuring
 
 
-def git_commit():
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
-        return head, dirty
-    except Exception:
-        return "uncommitted", True
-
-
 def bench(fn, warmup, rep, grad_to_none=None, prep=None):
     import triton.testing
 
@@ -448,18 +439,13 @@ def main(argv=None) -> int:
               "(CPU figures are not kernel performance). Use --smoke for a correctness pass.")
         return 0
 
-    import triton
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     d_in, d_out = args.d_in, args.d_out
-    head, dirty = git_commit()
     tflops_peak, gbps_peak = ceilings()
-    meta = dict(bench="masked_delta", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, commit=head, dirty=dirty,
-                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                d_in=d_in, d_out=d_out, dtype=args.dtype,
+    meta = run_metadata("masked_delta", d_in=d_in, d_out=d_out, dtype=args.dtype,
                 ceiling_bf16_tflops=round(tflops_peak, 1), ceiling_copy_gbps=round(gbps_peak, 1))
-    print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  commit {head}{' (dirty)' if dirty else ''}")
+    print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}{' (dirty)' if meta['dirty'] else ''}")
     print(f"# measured ceilings: bf16 mm {tflops_peak:.0f} TFLOP/s, copy {gbps_peak:.0f} GB/s")
     rows = []
 
@@ -536,11 +522,7 @@ def main(argv=None) -> int:
     if args.no_record:
         print("(--no-record: nothing appended)")
     else:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} rows to {args.out}")
+        append_rows(args.out, rows)
     return 0
 
 

@@ -36,11 +36,10 @@ Without CUDA nothing is measured or recorded; ``--smoke`` runs a small correctne
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
+
+from common import append_rows, run_metadata  # benchmarks/common.py (the script's folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "topk.jsonl")
@@ -68,14 +67,6 @@ def _parse(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="small correctness run (CPU: Triton interpreter); measures and records nothing")
     return p.parse_args(argv)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _import_kernels():
@@ -217,9 +208,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name()
     copy_bw = _copy_bandwidth(torch, triton)
     print(f"device {dev_name}; device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
-    meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__, commit=_git_commit(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                layers=args.layers, d_out=args.d_out, d_in=args.d_in, copy_gbps=round(copy_bw / 1e9, 1))
+    meta = run_metadata("topk", layers=args.layers, d_out=args.d_out, d_in=args.d_in, copy_gbps=round(copy_bw / 1e9, 1))
     rows = []
     block = 16
     for dt_name in args.dtypes:
@@ -303,11 +292,7 @@ def main(argv=None) -> int:
         del deltas, grads
         torch.cuda.empty_cache()
     if not args.no_record:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} rows to {args.out}")
+        append_rows(args.out, rows)
     return 0
 
 

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from sparse_engine import SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
-from sparse_engine.layers import FIXED, SEARCH, SparseAdapterLinear
+from sparse_engine.layers import FIXED, SparseAdapterLinear
 from sparse_engine.model import adapter_layers, attach, detach, merge_and_unload
 
 from .helpers import tiny_phi3

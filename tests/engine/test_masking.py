@@ -4,7 +4,6 @@ import torch.nn as nn
 
 from sparse_engine import SparseAdapterConfig
 from sparse_engine.kernels import reference as ref
-from sparse_engine.layers import SparseAdapterLinear
 from sparse_engine.masking import apply_masks, compute_scores, freeze_masks, select, update_masks
 from sparse_engine.model import adapter_layers, attach
 

@@ -170,7 +170,7 @@ def test_nan_and_inf(cfg):
     n_valid = [int((~torch.isnan(t)).sum()) for t in layers]
     for ks in ([4, 21, 2, 100], [n_valid[0], 5, 63, n_valid[3] + 1]):
         _same(tk.topk_per_layer(layers, ks, config=CONFIGS[cfg]), ref.topk_per_layer(layers, ks), f"{cfg} {ks}")
-    total = sum(t.numel() for t in layers)
+    sum(t.numel() for t in layers)
     for k in (700, sum(n_valid) + 1):
         _same(tk.topk_global(layers, k, config=CONFIGS[cfg]), ref.topk_global(layers, k), f"{cfg} k={k}")
 
