@@ -1,4 +1,4 @@
-"""Small helpers shared by the Triton kernels: availability, interpreter mode, autotune trimming.
+"""Small helpers shared by the Triton kernels: availability and interpreter mode.
 
 ``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined (the
 test suite's conftest does it on machines without CUDA). In the interpreter bf16 is held
@@ -22,7 +22,3 @@ def triton_usable_for(tensor) -> bool:
         return True
     return INTERPRET and tensor.device.type == "cpu"
 
-
-def trim_configs(configs: list) -> list:
-    """Autotune over one config in the interpreter: every config there costs seconds."""
-    return configs[:1] if INTERPRET else configs

@@ -121,8 +121,3 @@ def block_mask_to_elements(tile_mask: torch.Tensor, block_size: int) -> torch.Te
     """Expand a ``[d_out/B, d_in/B]`` tile mask to the ``[d_out, d_in]`` element mask."""
     return tile_mask.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
 
-
-def indices_to_mask(indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    m = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=indices.device)
-    m[indices.long()] = True
-    return m.view(shape)

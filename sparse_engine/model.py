@@ -100,10 +100,6 @@ def adapter_config(model: nn.Module) -> SparseAdapterConfig:
     return config
 
 
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [layer.delta for layer in adapter_layers(model).values()]
-
-
 def trainable_parameter_count(model: nn.Module) -> int:
     """Trainable scalars: kept adapter entries for sparse adapters, else every parameter requiring grad."""
     layers = adapter_layers(model)

@@ -117,3 +117,21 @@ def test_hugging_face_trainer_with_the_callback_runs_algorithm_1(tmp_path):
         assert layer.delta.abs().sum() > 0  # the kept values trained in epoch 2
         assert torch.equal(layer.base.weight, base[name])
     assert out.global_step == 8
+
+
+@pytest.mark.parametrize("score,layer_drop", [("snip", False), ("gm", False), ("wm", False), ("gd", False),
+                                              ("mcs", True)])
+def test_every_score_and_layer_drop_train_end_to_end(score, layer_drop):
+    model = tiny_phi3()
+    cfg = SparseAdapterConfig(keep_ratio=0.1, score=score, layer_drop=layer_drop, update_interval=2)
+    result = train_expert(model, random_lm_data(16), TrainingConfig(epochs=2, batch_size=4, learning_rate=1e-2,
+                                                                      progress=False), adapter=cfg)
+    layers = adapter_layers(model).values()
+    kept = [layer.kept_count for layer in layers]
+    k = cfg.kept_count(192, 64)
+    if layer_drop:
+        assert sum(kept) == 2 * k and result.active_layers == sum(1 for n in kept if n)
+    else:
+        assert kept == [k, k]
+    assert all(layer.phase == FIXED for layer in layers)
+    assert all(torch.isfinite(layer.delta).all() for layer in layers)
