@@ -311,3 +311,61 @@ def delta_score_topk(dy, x, delta, k: int, score: str = "mcs") -> torch.Tensor:
     """Twin of ``masked_delta.delta_score_topk``: int32 sorted flat indices of the ``k``
     largest element scores (dense fp32 score, then :func:`topk_flat_indices`)."""
     return topk_flat_indices(delta_score(dy, x, delta, score), k)
+
+
+# ------------------------------------------- multi-adapter serving (owner: kernels/multi_adapter.py, issue 7)
+# Twins of the segmented multi-adapter launchers: per segment, densify the slot's delta
+# from the pool and add x·ΔWᵀ (ΔW cast to x's dtype) into ``out`` at the segment's tokens.
+
+
+def pool_block_delta(row_ptr_line, block_cols, blocks, shape) -> torch.Tensor:
+    """Dense fp32 ``[d_out, d_in]`` ΔW of one slot of a block pool (CSR ``row_ptr_line [d_out/B + 1]``)."""
+    d_out, d_in = (int(s) for s in shape)
+    bs = blocks.shape[-1]
+    ptr = row_ptr_line.long()
+    start, end = int(ptr[0]), int(ptr[-1])
+    dense = torch.zeros(d_out // bs, d_in // bs, bs, bs, dtype=torch.float32, device=blocks.device)
+    if end > start:
+        rows = torch.repeat_interleave(torch.arange(d_out // bs, device=blocks.device), ptr[1:] - ptr[:-1])
+        dense[rows, block_cols[start:end].long()] = blocks[start:end].float()
+    return dense.permute(0, 2, 1, 3).reshape(d_out, d_in)
+
+
+def pool_element_delta(row_ptr_line, cols, values, shape) -> torch.Tensor:
+    """Dense fp32 ``[d_out, d_in]`` ΔW of one slot of an element pool (CSR ``row_ptr_line [d_out + 1]``)."""
+    d_out, d_in = (int(s) for s in shape)
+    ptr = row_ptr_line.long()
+    start, end = int(ptr[0]), int(ptr[-1])
+    dense = torch.zeros(d_out, d_in, dtype=torch.float32, device=values.device)
+    if end > start:
+        rows = torch.repeat_interleave(torch.arange(d_out, device=values.device), ptr[1:] - ptr[:-1])
+        dense[rows, cols[start:end].long()] = values[start:end].float()
+    return dense
+
+
+def _multi_delta(x, out, token_order, seg_slots, seg_offsets, densify):
+    offsets = seg_offsets.tolist()
+    for i, slot in enumerate(seg_slots.tolist()):
+        toks = token_order[offsets[i]: offsets[i + 1]].long()
+        if toks.numel() == 0:
+            continue
+        delta = densify(slot).to(x.dtype)
+        out.index_add_(0, toks, F.linear(x.index_select(0, toks), delta).to(out.dtype))
+    return out
+
+
+def multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, block_cols, blocks, **_):
+    """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ`` (block pool), in place; returns ``out``."""
+    shape = (out.shape[-1], x.shape[-1])
+    return _multi_delta(x, out, token_order, seg_slots, seg_offsets,
+                        lambda s: pool_block_delta(row_ptr[s], block_cols, blocks, shape))
+
+
+def multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, **_):
+    """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ`` (element pool), in place; returns ``out``."""
+    shape = (out.shape[-1], x.shape[-1])
+    return _multi_delta(x, out, token_order, seg_slots, seg_offsets,
+                        lambda s: pool_element_delta(row_ptr[s], cols, values, shape))
+
+
+# --------------------------------------- end of multi-adapter serving (owner: kernels/multi_adapter.py)

@@ -1,0 +1,783 @@
+#!/usr/bin/env python
+"""Benchmark of batched multi-adapter serving (issue 7, item 5).
+
+Phi-3-mini layer sizes (hidden 3072, qkv_proj 9216×3072, MLP 8192, 32 heads, vocab 32064),
+random weights, bf16, N block-sparse (or element-sparse) adapters at keep ratio 0.1 on every
+qkv_proj. Batch 1..256 rows, N = 1/8/64/256 *distinct adapters in the batch* (N <= batch),
+popularity uniform (round-robin) or skewed (Zipf s=1.1, every adapter used at least once).
+In one run, for each case:
+
+  level op    (one qkv_proj, x [rows, tokens, 3072]):
+    base     F.linear(x, W)                                      (the ceiling)
+    merged   F.linear(x, W + ΔW_0)                               (one merged model: same cost as base)
+    ours     F.linear + segmented multi-adapter delta kernel     (AdapterLibrary, plan cached per batch)
+    peft     PEFT LoRA, N adapters, mixed batch adapter_names=   (rank matched to the kept count)
+    loop     per distinct adapter: fused block_delta_linear on its rows (the single-adapter path)
+  level model (a Phi-3-mini with --layers decoder layers):
+    base / merged / ours / peft / loop (loop = the model run once per distinct adapter on its rows)
+
+Phases: prefill (rows × --prompt tokens, no cache) and decode (one token per row against a KV
+cache of --context tokens; the cache is cropped back after each timed step). Reported:
+tokens/s, the ratio against base, and for decode the bytes a step must read (op: W + each
+distinct adapter's values, column ids and row pointers once; model: every weight read in a
+step + the KV cache + the distinct adapters) over the time, against the measured copy
+bandwidth of the device (read + write bytes of a 1 GiB device copy).
+
+Times: ``triton.testing.do_bench`` median (L2 flushed before every call). Rows are appended
+to ``benchmarks/results/multi_adapter.jsonl`` with device, versions, commit and date; only
+from CUDA runs. Without CUDA the script refuses to record (exit 0); ``--smoke`` runs every
+implementation on a tiny Phi-3 on the CPU (reference backend), checks they agree and writes
+nothing; ``--compile-check`` compiles every kernel config for sm_90 (no GPU needed).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import append_rows, run_metadata
+
+IMPLS = ("base", "merged", "ours", "peft", "loop")
+GOALS = (  # (level, phase, metric, impl, minimum) at 64 distinct block adapters, keep 0.1 (issue 7)
+    ("model", "prefill", "ratio_vs_base", "ours", 0.85),
+    ("op", "decode", "frac_of_bandwidth", "ours", 0.70),
+    ("model", "prefill", "speedup_vs_peft", "ours", 10.0),
+    ("model", "decode", "speedup_vs_peft", "ours", 10.0),
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark batched multi-adapter serving (ours vs base, merged, PEFT "
+                                "mixed-batch LoRA, per-adapter loop).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--levels", nargs="+", choices=["op", "model"], default=["op", "model"])
+    p.add_argument("--phases", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256], help="rows per batch")
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64, 256], help="distinct adapters in the batch")
+    p.add_argument("--popularity", nargs="+", choices=["uniform", "skewed"], default=["uniform", "skewed"])
+    p.add_argument("--formats", nargs="+", choices=["block", "element"], default=["block"])
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--keep", type=float, default=0.1, help="keep ratio of each adapter")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers of the model-level runs (Phi-3-mini: 32)")
+    p.add_argument("--prompt", type=int, default=128, help="prefill tokens per row")
+    p.add_argument("--context", type=int, default=512, help="KV-cache length of the decode step")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--max-prefill-tokens", type=int, default=32768, help="skip prefill cases with more tokens")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "multi_adapter.jsonl"))
+    p.add_argument("--no-record", action="store_true", help="print the table only, append nothing")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU/GPU run of every implementation; records nothing")
+    p.add_argument("--compile-check", action="store_true", help="compile every kernel config for sm_90; no GPU needed")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def phi3_config(layers, smoke=False):
+    from transformers import Phi3Config
+
+    if smoke:
+        return Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1,
+                      eos_token_id=32000, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attention_dropout=0.0)
+
+
+def assignment(batch, n, popularity, rng):
+    """``batch`` adapter indices using exactly ``n`` distinct adapters (n <= batch)."""
+    if popularity == "uniform":
+        rows = [i % n for i in range(batch)]
+    else:
+        weights = [1.0 / (i + 1) ** 1.1 for i in range(n)]
+        rows = list(range(n)) + rng.choices(range(n), weights=weights, k=batch - n)
+    rng.shuffle(rows)
+    return rows
+
+
+def random_delta(torch, shape, fmt, keep, gen, device, dtype):
+    from sparse_engine.formats import BlockSparseDelta, SparseDelta
+
+    d_out, d_in = shape
+    if fmt == "block":
+        n_units = (d_out // 16) * (d_in // 16)
+        k = max(1, round(keep * n_units))
+        ids = torch.sort(torch.randperm(n_units, generator=gen, device=device)[:k]).values.to(torch.int32)
+        blocks = (torch.randn(k, 16, 16, generator=gen, device=device) * 0.01).to(dtype)
+        return BlockSparseDelta(shape, blocks, ids)
+    n_units = d_out * d_in
+    k = max(1, round(keep * n_units))
+    ids = torch.sort(torch.randperm(n_units, generator=gen, device=device)[:k]).values.to(torch.int32)
+    return SparseDelta(shape, (torch.randn(k, generator=gen, device=device) * 0.01).to(dtype), ids)
+
+
+def lora_rank(d_out, d_in, keep, fmt):
+    """LoRA rank whose r·(d_in + d_out) is closest to the adapter's kept scalars (baselines.matched_lora_rank's rule)."""
+    if fmt == "block":
+        kept = max(1, round(keep * (d_out // 16) * (d_in // 16))) * 256
+    else:
+        kept = max(1, round(keep * d_out * d_in))
+    return max(1, round(kept / (d_in + d_out)))
+
+
+class Timer:
+    """do_bench median on CUDA; a plain median of wall times elsewhere (smoke only)."""
+
+    def __init__(self, torch, cuda, warmup, rep):
+        self.torch, self.cuda, self.warmup, self.rep = torch, cuda, warmup, rep
+
+    def __call__(self, fn):
+        if self.cuda:
+            import triton
+
+            return float(triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median"))
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[1]
+
+
+def copy_bandwidth(torch, timer):
+    """Measured device copy bandwidth (bytes read + written per second) of a 1 GiB copy."""
+    n = (1 << 30) // 2
+    bufs = [torch.randn(n, device="cuda", dtype=torch.bfloat16)]
+    bufs.append(torch.empty_like(bufs[0]))
+    ms = timer(lambda: bufs[1].copy_(bufs[0]))
+    bufs.clear()
+    return 2 * n * 2 / (ms * 1e-3)
+
+
+# ------------------------------------------------------------------------ op level
+
+
+class _QKV:
+    """The op-level fixture: a qkv_proj holder, its library, the adapters and the baselines' data."""
+
+
+def _holder(nn):
+    class Holder(nn.Module):
+        def forward(self, x):
+            return self.qkv_proj(x)
+
+    return Holder()
+
+
+def build_op(torch, args, fmt, n_max, device, dtype, smoke):
+    """One qkv_proj and a library of ``n_max`` adapters on it (+ what the baselines need)."""
+    from torch import nn
+
+    from sparse_engine.serving import AdapterLibrary
+
+    d_out, d_in = (192, 64) if smoke else (9216, 3072)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    holder = _holder(nn)
+    holder.qkv_proj = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        holder.qkv_proj.weight.normal_(0, 0.02, generator=gen)
+    holder.requires_grad_(False)
+    weight = holder.qkv_proj.weight
+    lib = AdapterLibrary(holder, dtype=dtype)
+    deltas = []
+    for i in range(n_max):
+        d = random_delta(torch, (d_out, d_in), fmt, args.keep, gen, device, dtype)
+        lib.register(f"a{i}", {"qkv_proj": d})
+        deltas.append(d)
+    op = _QKV()
+    op.holder, op.lib, op.weight, op.deltas, op.shape, op.fmt = holder, lib, weight, deltas, (d_out, d_in), fmt
+    op.merged = (weight.float() + deltas[0].to_dense().to(weight.device)).to(dtype)
+    op.peft = None
+    op.slot_maps = None
+    return op
+
+
+def op_peft(torch, op, n, rank, device, dtype):
+    """A PEFT LoRA model over the same qkv_proj with ``n`` adapters (random A and B)."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    holder = _holder(nn)
+    holder.qkv_proj = nn.Linear(op.shape[1], op.shape[0], bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        holder.qkv_proj.weight.copy_(op.weight)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv_proj"], init_lora_weights=False)
+    model = get_peft_model(holder, cfg, adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", cfg)
+    model.to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def op_impls(torch, F, op, names, rows_of, x, impls, backend_triton):
+    """name -> zero-argument callable computing the qkv output of the mixed batch."""
+    fns = {}
+    w = op.weight
+    if "base" in impls:
+        fns["base"] = lambda: F.linear(x, w)
+    if "merged" in impls:
+        fns["merged"] = lambda: F.linear(x, op.merged)
+    if "ours" in impls:
+        layer = op.holder.qkv_proj
+
+        def ours():
+            return layer(x)
+
+        fns["ours"] = ours
+    if "peft" in impls and op.peft is not None:
+        fns["peft"] = lambda: op.peft(x, adapter_names=names)
+    if "loop" in impls:
+        from sparse_engine.kernels import reference as ref
+
+        if backend_triton:
+            from sparse_engine.kernels import block_sparse as bsk
+            from sparse_engine.kernels import masked_delta as mdk
+        groups = [(int(a), torch.tensor(r, device=x.device)) for a, r in rows_of.items()]
+
+        def loop():
+            y = torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=x.dtype)
+            for a, idx in groups:
+                d = op.deltas[a]
+                xs = x.index_select(0, idx)
+                if op.fmt == "block":
+                    if backend_triton:
+                        ys = bsk.block_delta_linear(xs, w, d.blocks, d.block_indices, slot_map=op.slot_maps[a])
+                    else:
+                        ys = ref.block_delta_linear(xs, w, d.blocks, d.block_indices)
+                else:
+                    if backend_triton:
+                        ys = mdk.compact_delta_linear(xs, w, d.values, d.indices, layout=op.slot_maps[a])
+                    else:
+                        ys = ref.compact_delta_linear(xs, w, d.values, d.indices)
+                y.index_copy_(0, idx, ys)
+            return y
+
+        fns["loop"] = loop
+    return fns
+
+
+def run_op(torch, F, args, timer, meta, device, dtype, smoke, bandwidth):
+    rows = []
+    rng = random.Random(args.seed)
+    n_max = max(args.adapters)
+    for fmt in args.formats:
+        op = build_op(torch, args, fmt, n_max, device, dtype, smoke)
+        d_out, d_in = op.shape
+        rank = lora_rank(d_out, d_in, args.keep, fmt)
+        triton_path = device == "cuda"
+        if "loop" in args.impls and triton_path:
+            from sparse_engine.kernels import block_sparse as bsk
+            from sparse_engine.kernels import masked_delta as mdk
+
+            op.slot_maps = [bsk.build_block_slot_map(d.block_indices, d.shape, 16) if fmt == "block"
+                            else mdk.build_compact_layout(d.indices, d.shape) for d in op.deltas]
+        peft_n = 0
+        for n in sorted(args.adapters):
+            if "peft" in args.impls and n > peft_n:
+                op.peft = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                op.peft = op_peft(torch, op, n, rank, device, dtype)
+                peft_n = n
+            for batch in args.batch:
+                if n > batch:
+                    continue
+                for pop in args.popularity:
+                    if n == 1 and pop == "skewed":
+                        continue
+                    idx = assignment(batch, n, pop, rng)
+                    names = [f"a{i}" for i in idx]
+                    rows_of = {}
+                    for r, a in enumerate(idx):
+                        rows_of.setdefault(a, []).append(r)
+                    for phase in args.phases:
+                        tokens = 1 if phase == "decode" else args.prompt
+                        if batch * tokens > args.max_prefill_tokens:
+                            continue
+                        gen = torch.Generator(device=device).manual_seed(args.seed + batch)
+                        x = torch.randn(batch, tokens, d_in, generator=gen, device=device).to(dtype)
+                        with torch.no_grad(), op.lib.use(names):
+                            fns = op_impls(torch, F, op, names, rows_of, x, args.impls, triton_path)
+                            check_agreement(torch, fns, op, names, x, fmt)
+                            res = {k: timer(f) for k, f in fns.items()}
+                        need = op.lib.step_bytes(names) if phase == "decode" else None
+                        extra = {"d_out": d_out, "d_in": d_in, "peft_rank": rank}
+                        if need is not None:
+                            extra["base_bytes"] = op.lib.step_bytes([])
+                        rows += emit(meta, res, level="op", phase=phase, fmt=fmt, batch=batch, tokens=tokens,
+                                     n=n, pop=pop, keep=args.keep, need=need, bandwidth=bandwidth, extra=extra)
+        del op
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def check_agreement(torch, fns, op, names, x, fmt, rows=6):
+    """ours == loop == the dense fp32 reference on the batch's first rows (before any timing)."""
+    w = op.weight.float()
+    expect = []
+    for r, n in enumerate(names[:rows]):
+        dense = op.deltas[int(n[1:])].to_dense().to(w.device)
+        expect.append(x[r].float() @ (w + dense).t())
+    expect = torch.stack(expect)
+    tol = 2e-2 if x.dtype == torch.bfloat16 else 1e-3
+    for key in ("ours", "loop"):
+        if key in fns:
+            got = fns[key]()[: len(expect)].float()
+            err = float((got - expect).norm() / expect.norm())
+            if not err < tol:
+                raise AssertionError(f"{key} disagrees with the dense reference: rel err {err:.3g} ({fmt})")
+
+
+def emit(meta, res, *, level, phase, fmt, batch, tokens, n, pop, keep, need, bandwidth, extra):
+    rows = []
+    base = res.get("base")
+    for impl, ms in res.items():
+        row = dict(meta, level=level, phase=phase, format=fmt, impl=impl, batch=batch, tokens_per_row=tokens,
+                   n_adapters=n, popularity=pop, keep_ratio=keep, ms=ms,
+                   tokens_per_s=batch * tokens / (ms * 1e-3), **extra)
+        if base:
+            row["ratio_vs_base"] = base / ms
+        if "peft" in res and impl == "ours":
+            row["speedup_vs_peft"] = res["peft"] / ms
+        if need is not None and impl in ("ours", "base", "merged"):
+            bytes_needed = need if impl == "ours" else need_base(need, extra)
+            row["bytes_needed"] = bytes_needed
+            row["achieved_GBps"] = bytes_needed / (ms * 1e-3) / 1e9
+            if bandwidth:
+                row["frac_of_bandwidth"] = bytes_needed / (ms * 1e-3) / bandwidth
+        rows.append(row)
+    return rows
+
+
+def need_base(need, extra):
+    return extra.get("base_bytes", need)
+
+
+# --------------------------------------------------------------------- model level
+
+
+def build_model(torch, args, device, dtype, smoke):
+    from transformers import Phi3ForCausalLM
+
+    cfg = phi3_config(2 if smoke else args.layers, smoke)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Phi3ForCausalLM._from_config(cfg, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def model_bytes_per_step(torch, model, batch, context):
+    """Bytes a decode step reads besides the adapters: every weight except the embedding table
+    (one row per token), plus the KV cache."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        total += p.numel() * p.element_size()
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * batch * context * cfg.num_key_value_heads * head_dim * 2
+    return total + kv
+
+
+def run_model(torch, args, timer, meta, device, dtype, smoke, bandwidth):
+    from sparse_engine.serving import AdapterLibrary
+
+    rows = []
+    rng = random.Random(args.seed)
+    fmt = args.formats[0]
+    model = build_model(torch, args, device, dtype, smoke)
+    layers = [n for n, m in model.named_modules() if n.endswith("qkv_proj")]
+    d_out, d_in = model.get_submodule(layers[0]).weight.shape
+    rank = lora_rank(d_out, d_in, args.keep, fmt)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    adapters = []  # per adapter: {layer: delta}
+    lib = AdapterLibrary(model, dtype=dtype)
+    peft_model, peft_n = None, 0
+    for n in sorted(args.adapters):
+        while len(adapters) < n:  # the library grows at run time
+            d = {layer: random_delta(torch, (d_out, d_in), fmt, args.keep, gen, device, dtype) for layer in layers}
+            lib.register(f"a{len(adapters)}", d)
+            adapters.append(d)
+        merged = merged_qkv(torch, model, lib, adapters[0])
+        if "peft" in args.impls and n > peft_n:
+            peft_model = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            peft_model = model_peft(torch, model, lib, n, rank, device, dtype)
+            peft_n = n
+        for batch in args.batch:
+            if n > batch:
+                continue
+            for pop in args.popularity:
+                if n == 1 and pop == "skewed":
+                    continue
+                idx = assignment(batch, n, pop, rng)
+                names = [f"a{i}" for i in idx]
+                for phase in args.phases:
+                    tokens = 1 if phase == "decode" else args.prompt
+                    if phase == "prefill" and batch * tokens > args.max_prefill_tokens:
+                        continue
+                    res = time_model(torch, args, timer, model, lib, merged, peft_model, names, phase, device)
+                    need = None
+                    extra = {"layers": model.config.num_hidden_layers, "peft_rank": rank, "d_out": int(d_out),
+                             "d_in": int(d_in)}
+                    if phase == "decode":
+                        base_bytes = model_bytes_per_step(torch, model, batch, args.context)
+                        need = base_bytes + sum(lib.info(a).bytes for a in set(names))
+                        extra.update(context=args.context, base_bytes=base_bytes)
+                    rows += emit(meta, res, level="model", phase=phase, fmt=fmt, batch=batch, tokens=tokens, n=n,
+                                 pop=pop, keep=args.keep, need=need, bandwidth=bandwidth, extra=extra)
+        del merged
+    lib.uninstall()
+    return rows
+
+
+def merged_qkv(torch, model, lib, deltas):
+    """qkv weights with adapter 0 merged (swapped in for the 'merged' timing)."""
+    out = {}
+    for layer, d in deltas.items():
+        w = lib._wrapped[layer].base.weight
+        out[layer] = (w.float() + d.to_dense().to(w.device)).to(w.dtype)
+    return out
+
+
+def model_peft(torch, model, lib, n, rank, device, dtype):
+    """A PEFT copy of the base model (same weights) with ``n`` LoRA adapters on qkv_proj."""
+    from peft import LoraConfig, get_peft_model
+
+    plain = copy.deepcopy(model, memo={id(lib): lib})  # share (do not copy) the library the wrappers point to
+    for layer, wrapper in lib._wrapped.items():  # the copy holds our wrappers: put plain linears back
+        parent_name, _, child = layer.rpartition(".")
+        setattr(plain.get_submodule(parent_name), child, plain.get_submodule(layer).base)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(plain, cfg, adapter_name="a0")
+    for i in range(1, n):
+        peft_model.add_adapter(f"a{i}", cfg)
+    peft_model.to(device=device, dtype=dtype)
+    peft_model.eval().requires_grad_(False)
+    return peft_model
+
+
+def time_model(torch, args, timer, model, lib, merged, peft_model, names, phase, device):
+    from transformers import DynamicCache
+
+    batch = len(names)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(args.seed + batch)
+    res = {}
+
+    def swap(weights):
+        old = {}
+        for layer, w in weights.items():
+            lin = lib._wrapped[layer].base
+            old[layer] = lin.weight
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        return old
+
+    if phase == "prefill":
+        ids = torch.randint(3, vocab, (batch, args.prompt), generator=gen, device=device)
+        calls = {
+            "base": lambda: model(input_ids=ids, use_cache=False),
+            "merged": lambda: model(input_ids=ids, use_cache=False),
+            "ours": lambda: lib.forward(names, input_ids=ids, use_cache=False),
+            "peft": lambda: peft_model(input_ids=ids, use_cache=False, adapter_names=names),
+            "loop": lambda: [lib.forward([a] * len(r), input_ids=ids[r], use_cache=False)
+                             for a, r in _groups(torch, names, device).items()],
+        }
+        for impl in args.impls:
+            if impl == "peft" and peft_model is None:
+                continue
+            old = swap(merged) if impl == "merged" else None
+            with torch.no_grad():
+                res[impl] = timer(calls[impl])
+            if old is not None:
+                swap(old)
+        return res
+
+    ctx = args.context
+    prompt = torch.randint(3, vocab, (batch, ctx), generator=gen, device=device)
+    tok = torch.randint(3, vocab, (batch, 1), generator=gen, device=device)
+    mask = torch.ones(batch, ctx + 1, dtype=torch.long, device=device)
+    pos = torch.tensor([ctx], device=device)
+
+    def prefilled(run_model, **kw):
+        cache = DynamicCache()
+        with torch.no_grad():
+            run_model(input_ids=prompt, past_key_values=cache, use_cache=True, **kw)
+        return cache
+
+    for impl in args.impls:
+        if impl == "peft" and peft_model is None:
+            continue
+        old = swap(merged) if impl == "merged" else None
+        if impl in ("base", "merged"):
+            cache = prefilled(model)
+
+            def step(cache=cache):
+                model(input_ids=tok, past_key_values=cache, attention_mask=mask, cache_position=pos, use_cache=True)
+                cache.crop(-1)
+        elif impl == "ours":
+            with lib.use(names):
+                cache = prefilled(model)
+
+            def step(cache=cache):  # timed inside one lib.use(): a decode loop keeps its batch's plan
+                model(input_ids=tok, past_key_values=cache, attention_mask=mask, cache_position=pos, use_cache=True)
+                cache.crop(-1)
+        elif impl == "peft":
+            cache = prefilled(peft_model, adapter_names=names)
+
+            def step(cache=cache):
+                peft_model(input_ids=tok, past_key_values=cache, attention_mask=mask, cache_position=pos,
+                           use_cache=True, adapter_names=names)
+                cache.crop(-1)
+        else:  # loop: one decode step of the model per distinct adapter on its rows
+            groups = _groups(torch, names, device)
+            caches = {}
+            for a, r in groups.items():
+                with lib.use([a] * len(r)):
+                    cache = DynamicCache()
+                    with torch.no_grad():
+                        model(input_ids=prompt[r], past_key_values=cache, use_cache=True)
+                    caches[a] = cache
+
+            def step(groups=groups, caches=caches):
+                for a, r in groups.items():
+                    with lib.use([a] * len(r)):
+                        model(input_ids=tok[r], past_key_values=caches[a], attention_mask=mask[r],
+                              cache_position=pos, use_cache=True)
+                    caches[a].crop(-1)
+        with torch.no_grad(), (lib.use(names) if impl == "ours" else _nullcontext()):
+            res[impl] = timer(step)
+        if old is not None:
+            swap(old)
+    return res
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _groups(torch, names, device):
+    out = {}
+    for r, a in enumerate(names):
+        out.setdefault(a, []).append(r)
+    return {a: torch.tensor(r, device=device) for a, r in out.items()}
+
+
+# -------------------------------------------------------------------------- output
+
+
+def print_table(rows):
+    cols = ("level", "phase", "format", "batch", "n_adapters", "popularity", "impl", "ms", "tokens_per_s",
+            "ratio_vs_base", "speedup_vs_peft", "frac_of_bandwidth")
+    print(" ".join(f"{c[:12]:>12s}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:12.4g}" if isinstance(v, float) else f"{v!s:>12s}")
+        print(" ".join(cells))
+
+
+def print_goals(rows):
+    print("\ngoals (64 distinct block adapters, keep 0.1; worst case over batch/popularity):")
+    for level, phase, metric, impl, minimum in GOALS:
+        vals = [r[metric] for r in rows if r["level"] == level and r["phase"] == phase and r["impl"] == impl
+                and r["n_adapters"] == 64 and r["format"] == "block" and metric in r]
+        if not vals:
+            print(f"  {level:5s} {phase:7s} {metric:18s} >= {minimum:<5g}: not measured in this run")
+            continue
+        worst = min(vals)
+        print(f"  {level:5s} {phase:7s} {metric:18s} >= {minimum:<5g}: worst {worst:.3g}, best {max(vals):.3g} "
+              f"[{'met' if worst >= minimum else 'NOT met'}]")
+
+
+# ------------------------------------------------------------------- smoke / compile
+
+
+def run_smoke(args):
+    """Every implementation once on a tiny Phi-3 (reference backend on CPU), agreement checked."""
+    import torch
+    import torch.nn.functional as F
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    args.batch, args.adapters, args.prompt, args.context = [4, 8], [1, 4], 8, 16
+    args.popularity = ["uniform", "skewed"]
+    args.formats = ["block", "element"]
+    timer = Timer(torch, False, 0, 0)
+    rows = run_op(torch, F, args, timer, {}, device, dtype, smoke=True, bandwidth=None)
+    args.formats = ["block"]
+    rows += run_model(torch, args, timer, {}, device, dtype, smoke=True, bandwidth=None)
+    check_model_agreement(torch, args, device, dtype)
+    print_table(rows)
+    print(f"smoke: {len(rows)} timings on {device} (not performance numbers); nothing recorded")
+    return 0
+
+
+def check_model_agreement(torch, args, device, dtype):
+    """Mixed batch of the library == each row through the PEFT-free single-adapter path (tiny model)."""
+    from sparse_engine.serving import AdapterLibrary
+
+    model = build_model(torch, args, device, dtype, smoke=True)
+    layers = [n for n, m in model.named_modules() if n.endswith("qkv_proj")]
+    gen = torch.Generator(device=device).manual_seed(1)
+    lib = AdapterLibrary(model, dtype=dtype)
+    for i in range(3):
+        lib.register(f"a{i}", {layer: random_delta(torch, (192, 64), "block", 0.3, gen, device, dtype) for layer in layers})
+    names = ["a0", None, "a2", "a1", "a0"]
+    ids = torch.randint(3, 96, (5, 6), generator=gen, device=device)
+    mixed = lib.forward(names, input_ids=ids).logits
+    for r, n in enumerate(names):
+        alone = lib.forward([n], input_ids=ids[r: r + 1]).logits[0]
+        err = float((mixed[r] - alone).float().norm() / alone.float().norm())
+        assert err < 1e-3, f"row {r}: mixed batch differs from the row alone ({err:.3g})"
+    lib.uninstall()
+
+
+def run_compile_check(args):
+    """Compile every config of the multi-adapter kernels for sm_90 with the installed Triton."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from sparse_engine.kernels import _triton
+    from sparse_engine.kernels import multi_adapter as ma
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _triton.INTERPRET:
+        print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
+        return 1
+    target = GPUTarget("cuda", 90, 32)
+    try:
+        import triton.backends.nvidia as nv
+
+        tools = os.path.join(os.path.dirname(nv.__file__), "bin")
+    except ImportError:
+        tools = None
+
+    def describe(k):
+        import re
+        import subprocess
+        import tempfile
+
+        smem = k.metadata.shared
+        if tools is None:
+            return f"smem={smem}"
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+            path = f.name
+        try:
+            res = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                                 capture_output=True, text=True).stdout
+            sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True,
+                                  text=True).stdout
+        finally:
+            os.unlink(path)
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.DOTALL)
+        regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
+        return (f"regs={regs:>3s} stack={stack} smem={smem:>6d} HGMMA={sass.count('HGMMA'):>2d} "
+                f"HMMA={sass.count('HMMA'):>2d} LDGSTS={sass.count('LDGSTS'):>3d} LDG={sass.count('LDG.E'):>3d}")
+
+    def compile_one(kernel, types, consts, cfg):
+        fn = kernel.fn
+        consts = {**consts, **cfg.kwargs}
+        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (sig[n].startswith("*") or n in ("stride_xm", "stride_om", "stride_rp"))}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+        return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+    jobs = []
+    for bm in (16, 32, 64, 128):
+        for cfg in ma._multi_block_kernel.configs:
+            jobs.append((f"block BM{bm} KG{cfg.kwargs['KG']} R{cfg.kwargs['ROWS']}", ma._multi_block_kernel,
+                         {"x_ptr": "*bf16", "out_ptr": "*bf16", "tok_ptr": "*i32", "tile_ptr": "*i32",
+                          "row_ptr_ptr": "*i32", "cols_ptr": "*i32", "blk_ptr": "*bf16"},
+                         dict(B=16, BLOCK_M=bm, IEEE=False, UPCAST=False, stride_xk=1, stride_on=1, stride_bc=1), cfg))
+        for cfg in ma._multi_element_kernel.configs:
+            if not ma.element_config_fits(bm, cfg):  # pruned at run time as well
+                continue
+            jobs.append((f"element BM{bm} BN{cfg.kwargs['BLOCK_N']}", ma._multi_element_kernel,
+                         {"x_ptr": "*bf16", "out_ptr": "*bf16", "tok_ptr": "*i32", "tile_ptr": "*i32",
+                          "row_ptr_ptr": "*i32", "cols_ptr": "*i16", "val_ptr": "*bf16"},
+                         dict(BLOCK_M=bm, UPCAST=False, stride_xk=1, stride_on=1), cfg))
+    print(f"compile-check: triton {triton.__version__}, target sm_90, bf16; {len(jobs)} kernels")
+    failures = 0
+    for label, kernel, types, consts, cfg in jobs:
+        try:
+            k = compile_one(kernel, types, consts, cfg)
+            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  {describe(k)}")
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            failures += 1
+            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    print(f"compile-check: {failures} failures; nothing recorded")
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_bench(args):
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16
+    timer = Timer(torch, True, args.warmup, args.rep)
+    bandwidth = copy_bandwidth(torch, timer)
+    meta = run_metadata("multi_adapter", copy_bandwidth_GBps=bandwidth / 1e9)
+    print(f"device {meta['device']}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    rows = []
+    if "op" in args.levels:
+        rows += run_op(torch, F, args, timer, meta, "cuda", dtype, smoke=False, bandwidth=bandwidth)
+    if "model" in args.levels:
+        rows += run_model(torch, args, timer, meta, "cuda", dtype, smoke=False, bandwidth=bandwidth)
+    print_table(rows)
+    print_goals(rows)
+    if not args.no_record:
+        append_rows(args.results, rows)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for name in ("batch", "adapters"):
+        if any(v < 1 for v in getattr(args, name)):
+            print(f"error: --{name} values must be >= 1", file=sys.stderr)
+            return 2
+    if not 0 < args.keep <= 1:
+        print("error: --keep must be in (0, 1]", file=sys.stderr)
+        return 2
+    if args.compile_check:
+        return run_compile_check(args)
+    if args.smoke:
+        return run_smoke(args)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_multi_adapter: no CUDA device; refusing to record CPU timings (they are not kernel performance "
+              "figures). Run on a GPU, or use --smoke for a tiny correctness run that writes nothing.")
+        return 0
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""AdapterLibrary and batched multi-adapter serving (sparse_engine/serving.py, issue 7).
+
+The truth for a row served by adapter A is the engine's single-adapter path: a copy of the
+base with A loaded by ``load_adapter`` (``SparseAdapterLinear``, W + ΔW merged in fp32).
+"""
+import copy
+import random
+
+import pytest
+import torch
+from sparse_engine.kernels import _triton
+
+from sparse_engine import SparseAdapterConfig, attach
+from sparse_engine.formats import BlockSparseDelta, SparseDelta
+from sparse_engine.io import base_fingerprint, read_adapter, save_adapter
+from sparse_engine.model import adapter_layers
+from sparse_engine.serving import (
+    AdapterLibrary,
+    MultiAdapterLinear,
+    base_fingerprint_of,
+    evaluate_routed,
+    run_routed_eval,
+)
+
+from .helpers import tiny_phi3
+
+VOCAB = 64
+TRITON_OK = _triton.HAS_TRITON and (torch.cuda.is_available() or _triton.INTERPRET)
+
+
+def _random_delta(shape, kind, keep, gen, scale=0.08):
+    d_out, d_in = shape
+    if kind == "block":
+        n_units = (d_out // 16) * (d_in // 16)
+        k = max(1, int(keep * n_units))
+        ids = torch.sort(torch.randperm(n_units, generator=gen)[:k]).values.to(torch.int32)
+        return BlockSparseDelta(shape, scale * torch.randn(k, 16, 16, generator=gen), ids)
+    n_units = d_out * d_in
+    k = max(1, int(keep * n_units))
+    ids = torch.sort(torch.randperm(n_units, generator=gen)[:k]).values.to(torch.int32)
+    return SparseDelta(shape, scale * torch.randn(k, generator=gen), ids)
+
+
+def make_adapter(base, path, kind, seed, keep=0.25):
+    """Write a random adapter file for ``base``; return the single-adapter reference model."""
+    model = copy.deepcopy(base)
+    attach(model, SparseAdapterConfig(keep_ratio=keep, block_size=16 if kind == "block" else None))
+    gen = torch.Generator().manual_seed(seed)
+    for layer in adapter_layers(model).values():
+        layer.load_sparse(_random_delta(layer.shape, kind, keep, gen))
+    save_adapter(model, path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A tiny random Phi-3 and six adapter files (3 block-, 3 element-sparse) with their reference models."""
+    base = tiny_phi3(vocab_size=VOCAB).eval()
+    root = tmp_path_factory.mktemp("adapters")
+    files, refs = {}, {}
+    for i, kind in enumerate(["block", "element", "block", "element", "block", "element"]):
+        name = f"{kind}{i}"
+        files[name] = root / f"{name}.safetensors"
+        refs[name] = make_adapter(base, files[name], kind, seed=100 + i)
+    return base, files, refs
+
+
+def _ids(rows, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, length), generator=g)
+
+
+def _device(backend):
+    """Where the Triton path runs: CUDA when present, else the CPU interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _library(base, files, names, **kw):
+    lib = AdapterLibrary(copy.deepcopy(base).to(_device(kw.get("backend"))), **kw)
+    for n in names:
+        lib.register(n, files[n])
+    return lib
+
+
+def _expected_logits(base, refs, names, ids):
+    """Each row through its own adapter's single-adapter model (None: the base model)."""
+    out = torch.empty(ids.shape[0], ids.shape[1], VOCAB)
+    with torch.no_grad():
+        for name in set(names):
+            rows = [b for b, n in enumerate(names) if n == name]
+            model = base if name is None else refs[name]
+            out[rows] = model(input_ids=ids[rows]).logits
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_OK, reason="needs CUDA or the Triton interpreter"))])
+def test_mixed_batch_equals_each_adapter_alone(zoo, backend):
+    base, files, refs = zoo
+    lib = _library(base, files, list(files), backend=backend)
+    names = ["block0", None, "element1", "block2", "element1", None, "element3", "block0"]
+    ids = _ids(len(names), 7)
+    got = lib.forward(names, input_ids=ids.to(_device(backend))).logits.cpu()
+    expect = _expected_logits(base, refs, names, ids)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    # the adapters matter: a row with an adapter differs from the base model
+    assert not torch.allclose(got[0], _expected_logits(base, refs, [None], ids[:1])[0], atol=1e-3)
+
+
+def test_rows_without_adapter_equal_base_model(zoo):
+    base, files, _ = zoo
+    lib = _library(base, files, ["block0", "element1"])
+    names = [None, "block0", None, "element1"]
+    ids = _ids(4, 6, seed=1)
+    got = lib.forward(names, input_ids=ids).logits
+    with torch.no_grad():
+        expect = base(input_ids=ids).logits
+    torch.testing.assert_close(got[[0, 2]], expect[[0, 2]], rtol=0, atol=0)
+    # and the model outside a batch context is the base model
+    with torch.no_grad():
+        torch.testing.assert_close(lib.model(input_ids=ids).logits, expect, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_assignments_of_many_adapters(zoo, seed):
+    base, files, refs = zoo
+    rnd = random.Random(seed)
+    chosen = rnd.sample(list(files), rnd.randint(1, len(files)))
+    lib = _library(base, files, chosen)
+    names = [rnd.choice(chosen + [None]) for _ in range(rnd.randint(1, 9))]
+    ids = _ids(len(names), rnd.randint(1, 6), seed=seed)
+    torch.testing.assert_close(lib.forward(names, input_ids=ids).logits, _expected_logits(base, refs, names, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_OK, reason="needs CUDA or the Triton interpreter"))])
+def test_decode_with_cache_equals_recomputation(zoo, backend):
+    base, files, refs = zoo
+    lib = _library(base, files, ["block0", "element1", "element3"], backend=backend)
+    names = ["element1", "block0", None, "element3", "block0"]
+    prompt = _ids(len(names), 5, seed=3)
+    n_new = 4
+    dev = _device(backend)
+    out = lib.generate(prompt.to(dev), names, attention_mask=torch.ones_like(prompt).to(dev), max_new_tokens=n_new,
+                       min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (len(names), 5 + n_new)
+    # recomputation without cache: the full sequence in one forward predicts every generated token
+    logits = lib.forward(names, input_ids=out).logits
+    out = out.cpu()
+    logits = logits.cpu()
+    assert torch.equal(logits[:, 4:-1].argmax(-1), out[:, 5:])
+    # and each row is what its own adapter generates alone
+    for b, name in enumerate(names):
+        model = base if name is None else refs[name]
+        with torch.no_grad():
+            alone = model.generate(input_ids=prompt[b: b + 1], attention_mask=torch.ones_like(prompt[b: b + 1]),
+                                   max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None)
+        assert torch.equal(out[b], alone[0]), f"row {b} ({name})"
+
+
+def test_register_and_unregister_while_serving(zoo):
+    base, files, refs = zoo
+    lib = _library(base, files, ["block0", "element1", "block2"])
+    names = ["block2", "element1", "block0", None]
+    ids = _ids(4, 5, seed=4)
+    first = lib.forward(names, input_ids=ids).logits
+    with lib.use(names):
+        lib.register("element3", files["element3"])  # registering inside an active batch is fine
+        with pytest.raises(RuntimeError, match="active batch"):
+            lib.unregister("block0")
+        with torch.no_grad():
+            torch.testing.assert_close(lib.model(input_ids=ids).logits, first, rtol=0, atol=0)
+    used = lib.memory()["used_bytes"]
+    lib.unregister("block0")  # compacts the block pool: block2 moves down
+    assert "block0" not in lib and lib.memory()["used_bytes"] < used
+    names2 = ["block2", "element1", "element3", None]
+    torch.testing.assert_close(lib.forward(names2, input_ids=ids).logits,
+                               _expected_logits(base, refs, names2, ids), rtol=1e-4, atol=1e-4)
+    lib.register("block4", files["block4"])  # reuses block0's slot
+    assert lib.info("block4").slot == 0
+    lib.unregister("element1")
+    names3 = ["block4", "block2", "element3", "block4"]
+    torch.testing.assert_close(lib.forward(names3, input_ids=ids).logits,
+                               _expected_logits(base, refs, names3, ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        lib.forward(["element1", None, None, None], input_ids=ids)
+
+
+def test_failed_registration_leaves_library_unchanged(zoo, tmp_path):
+    base, files, _ = zoo
+    lib = _library(base, files, ["block0", "element1"])
+    before = (lib.names, lib.memory(), {n: lib.info(n) for n in lib.names})
+    ids = _ids(2, 4, seed=5)
+    logits = lib.forward(["block0", "element1"], input_ids=ids).logits
+
+    other = tiny_phi3(vocab_size=VOCAB, seed=7)  # another base: different fingerprint
+    make_adapter(other, tmp_path / "other.safetensors", "block", seed=1)
+    with pytest.raises(ValueError, match="another base model"):
+        lib.register("other", tmp_path / "other.safetensors")
+    wide = tiny_phi3(vocab_size=VOCAB, hidden=32)  # another shape
+    make_adapter(wide, tmp_path / "wide.safetensors", "element", seed=2)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        lib.register("wide", tmp_path / "wide.safetensors")
+    meta, deltas = read_adapter(files["block2"])
+    bad = dict(deltas)
+    layer = next(iter(bad))
+    blocks = bad[layer].blocks.clone()
+    blocks[0, 0, 0] = float("nan")
+    bad[layer] = BlockSparseDelta(bad[layer].shape, blocks, bad[layer].block_indices)
+    with pytest.raises(ValueError, match="NaN"):
+        lib.register("nan", (meta, bad))
+    with pytest.raises(ValueError, match="already registered"):
+        lib.register("block0", files["block2"])
+    lib.max_bytes = lib.memory()["adapter_bytes"] + 10
+    with pytest.raises(MemoryError, match="max_bytes"):
+        lib.register("big", files["block2"])
+    lib.max_bytes = None
+    assert (lib.names, lib.memory(), {n: lib.info(n) for n in lib.names}) == before
+    torch.testing.assert_close(lib.forward(["block0", "element1"], input_ids=ids).logits, logits, rtol=0, atol=0)
+
+    fresh = AdapterLibrary(copy.deepcopy(base))  # a failed first registration does not touch the model
+    with pytest.raises(ValueError):
+        fresh.register("other", tmp_path / "other.safetensors")
+    assert not any(isinstance(m, MultiAdapterLinear) for m in fresh.model.modules())
+    assert fresh.register("forced", tmp_path / "other.safetensors", check_base=False).kind == "block"
+
+
+def test_bad_batches_get_clear_errors(zoo):
+    base, files, _ = zoo
+    lib = _library(base, files, ["block0"])
+    ids = _ids(3, 4)
+    with pytest.raises(ValueError, match="unknown adapter name"):
+        lib.forward(["block0", "nope", None], input_ids=ids)
+    with pytest.raises(ValueError, match="3 rows but 2 adapter assignments"):
+        lib.forward(["block0", None], input_ids=ids)
+    with pytest.raises(ValueError, match="3 rows but 2 adapter assignments"):
+        with torch.no_grad(), lib.use(["block0", None]):
+            lib.model(input_ids=ids)
+    with pytest.raises(ValueError, match="3 rows but 4 adapter assignments"):
+        lib.generate(ids, ["block0", None, None, None], max_new_tokens=1)
+    with pytest.raises(ValueError, match="not a string"):
+        lib.forward("block0", input_ids=ids[:1])
+    with pytest.raises(RuntimeError, match="inference-only"), lib.use(["block0", None, None]):
+        lib.model(input_ids=ids)
+    with pytest.raises(ValueError, match="does not have"):
+        lib.register("x", {"model.layers.9.self_attn.qkv_proj": _random_delta((192, 64), "block", 0.1,
+                                                                              torch.Generator())})
+    with pytest.raises(TypeError, match="source must be"):
+        lib.register("x", 42)
+
+
+def test_memory_accounting_and_fingerprint(zoo):
+    base, files, _ = zoo
+    lib = _library(base, files, ["block0", "element1"])
+    mem = lib.memory()
+    meta, deltas = read_adapter(files["block0"])
+    n_blocks = sum(d.block_indices.numel() for d in deltas.values())
+    assert mem["adapters"]["block0"] == n_blocks * (256 * 4 + 4) + len(deltas) * (192 // 16 + 1) * 4
+    _, edeltas = read_adapter(files["element1"])
+    nnz = sum(d.nnz for d in edeltas.values())
+    assert mem["adapters"]["element1"] == nnz * (4 + 2) + len(edeltas) * (192 + 1) * 4  # fp32 values, int16 cols
+    assert mem["used_bytes"] >= mem["adapter_bytes"] and mem["reserved_bytes"] >= mem["used_bytes"]
+    weights = sum(m.base.weight.numel() * 4 for m in lib.model.modules() if isinstance(m, MultiAdapterLinear))
+    assert lib.step_bytes(["block0", "block0", None]) == weights + mem["adapters"]["block0"]
+    # the fingerprint of the plain model equals the one io computes with adapters attached
+    plain = copy.deepcopy(base)
+    assert base_fingerprint_of(plain, deltas) == meta["base_fingerprint"]
+    assert base_fingerprint_of(lib.model, deltas) == meta["base_fingerprint"]
+    attached = attach(copy.deepcopy(base), SparseAdapterConfig())
+    assert base_fingerprint(attached) == meta["base_fingerprint"]
+    lib.unregister("block0")
+    lib.shrink_to_fit()
+    assert lib.memory()["reserved_bytes"] < mem["reserved_bytes"]
+    model = lib.uninstall()
+    assert not any(isinstance(m, MultiAdapterLinear) for m in model.modules())
+
+
+def test_routed_evaluation(zoo, tmp_path):
+    from sparse_engine import data, evaluation
+
+    tokenizer = data.build_builtin_tokenizer()
+    base = tiny_phi3(vocab_size=len(tokenizer), hidden=32, seed=3)
+    base.config.pad_token_id, base.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    tasks = list(data.HELD_IN[:2])
+    refs = {t: make_adapter(base, tmp_path / f"{t}-block.safetensors", "block", seed=i, keep=0.5)
+            for i, t in enumerate(tasks)}
+    suite = {t: data.builtin_task_data(t, n_train=0, n_validation=0, n_test=6) for t in tasks}
+    gen = dict(max_new_tokens=4, max_length=32)
+    result = run_routed_eval(tmp_path, method="block", model=base, tokenizer=tokenizer, n_test=6, batch_size=5, **gen)
+    assert set(result["scores"]) == set(tasks)
+    assert not any(isinstance(m, MultiAdapterLinear) for m in base.modules())  # model given back unchanged
+    for t in tasks:
+        alone = evaluation.evaluate_tasks(refs[t], tokenizer, {t: suite[t]}, batch_size=5, **gen)[t]
+        assert result["scores"][t] == pytest.approx(alone, abs=1e-6)
+    lib = AdapterLibrary(copy.deepcopy(base))
+    with pytest.raises(ValueError, match="not registered"):
+        evaluate_routed(lib, tokenizer, suite)
+    # mixed batches (rows of both tasks, both experts) give each request its own expert's continuation
+    for t in tasks:
+        lib.register(t, tmp_path / f"{t}-block.safetensors")
+    scores, preds = evaluate_routed(lib, tokenizer, suite, batch_size=4, return_predictions=True, **gen)
+    assert scores == result["scores"]
+    for t in tasks:
+        alone = evaluation.generate(refs[t], tokenizer, [ex.source for ex in suite[t].test], batch_size=4, **gen)
+        assert preds[t] == alone
+        assert any(p for p in alone)  # non-empty continuations: the comparison is not vacuous
+    base_preds = evaluation.generate(base, tokenizer, [ex.source for ex in suite[tasks[0]].test], batch_size=4, **gen)
+    assert base_preds != preds[tasks[0]]
