@@ -33,15 +33,21 @@ def base_model_id(model: nn.Module) -> str:
     return str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or type(model).__name__)
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Hash of the adapted base weights (rounded to bf16, so fp32 and bf16 copies agree)."""
+def weights_fingerprint(named_weights) -> str:
+    """Hash of (name, weight) pairs, each weight sampled (≤ 4096 values) and rounded to bf16,
+    so fp32 and bf16 copies of one model agree."""
     h = hashlib.sha256()
-    for name, layer in adapter_layers(model).items():
-        w = layer.base.weight.detach().reshape(-1)
+    for name, weight in named_weights:
+        w = weight.detach().reshape(-1)
         sample = w[:: max(1, w.numel() // 4096)][:4096].to(torch.bfloat16).view(torch.int16).cpu()
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of the base weights under the attached adapters, in model order."""
+    return weights_fingerprint((name, layer.base.weight) for name, layer in adapter_layers(model).items())
 
 
 def _atomic_save(tensors: dict, metadata: dict, path: Path) -> None:

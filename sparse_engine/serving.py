@@ -19,7 +19,6 @@ The serving path is inference-only (no autograd through the deltas).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +31,7 @@ from torch import nn
 
 from sparse_engine import ops
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
+from sparse_engine.io import weights_fingerprint
 from sparse_engine.kernels import reference as ref
 
 __all__ = [
@@ -66,26 +66,21 @@ def base_fingerprint_of(model: nn.Module, layer_names: Iterable[str]) -> str:
     """The base fingerprint ``sparse_engine.io.base_fingerprint`` would give ``model`` with
     adapters on ``layer_names``, computed from the plain (or serving-wrapped) model.
 
-    Same hash: the layers in model order, each weight sampled (≤ 4096 values) and rounded to bf16.
+    Same hash (``io.weights_fingerprint``), over the layers in model order.
     """
     wanted = set(layer_names)
-    h = hashlib.sha256()
-    found = set()
+    named = []
     for name, module in model.named_modules():
         if name not in wanted:
             continue
         lin = _base_linear(module)
         if lin is None:
             raise ValueError(f"layer {name!r} of the model is a {type(module).__name__}, not an nn.Linear")
-        w = lin.weight.detach().reshape(-1)
-        sample = w[:: max(1, w.numel() // 4096)][:4096].to(torch.bfloat16).view(torch.int16).cpu()
-        h.update(name.encode())
-        h.update(sample.numpy().tobytes())
-        found.add(name)
-    missing = sorted(wanted - found)
+        named.append((name, lin.weight))
+    missing = sorted(wanted - {name for name, _ in named})
     if missing:
         raise ValueError(f"the model has no layer named {missing[:3]}")
-    return h.hexdigest()[:16]
+    return weights_fingerprint(named)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
