@@ -82,7 +82,205 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = sub.add_parser("tasks", help="list the built-in tasks", description="List the built-in tasks by group.")
     tasks.add_argument("--group", choices=["held_in", "held_out", "pretrain"], default=None)
+
+    _add_merge_parser(sub)
+    _add_eval_parser(sub)
+    _add_reproduce_parser(sub)
     return parser
+
+
+# ----------------------------------------------------------------- merge / eval / reproduce
+_MERGE_METHODS = ["overlap_average", "eq4", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                  "breadcrumbs", "magnitude_prune"]
+
+
+def _add_merge_parser(sub) -> None:
+    merge = sub.add_parser(
+        "merge", help="merge expert files (sparse adapters, LoRA or full fine-tune experts) into one",
+        description="Merge experts with the paper's Eq. 4 (overlap_average, for sparse adapters) or a baseline. "
+                    "Inputs: adapter files (save_adapter / train) or expert files (LoRA factors, full fine-tune task "
+                    "vectors, earlier dense merges). A merge of sparse experts is written as a sparse adapter file "
+                    "(the union of the masks; load it with load_adapter or `eval --adapter`), any other as an "
+                    "expert file. Hyper-parameters left out take the method's defaults (docs/merging.md).")
+    merge.add_argument("experts", nargs="+", help="expert files (.safetensors)")
+    merge.add_argument("--method", default="overlap_average", choices=_MERGE_METHODS,
+                       help="merge method (default: %(default)s = Eq. 4; eq4 is an alias)")
+    merge.add_argument("--out", required=True, help="output file (.safetensors)")
+    merge.add_argument("--lam", type=float, default=None, help="λ: scale of the weighted methods (TA 0.3, TIES 1.0, ...)")
+    merge.add_argument("--weights", type=float, nargs="+", default=None, help="per-expert weights (w_i = λ·weight_i)")
+    merge.add_argument("--density", type=float, default=None, help="TIES / magnitude_prune: fraction kept, in [0, 1] (0.2)")
+    merge.add_argument("--sign", choices=["total", "frequency"], default=None, help="TIES sign election (total)")
+    merge.add_argument("--drop-rate", type=float, default=None, help="DARE: drop probability p, in [0, 1] (0.9)")
+    merge.add_argument("--no-rescale", action="store_true", help="DARE: do not rescale survivors by 1/(1-p)")
+    merge.add_argument("--beta", type=float, default=None, help="Breadcrumbs: fraction of smallest |values| dropped (0.85)")
+    merge.add_argument("--gamma", type=float, default=None, help="Breadcrumbs: fraction of largest |values| dropped (0.01)")
+    merge.add_argument("--basis", choices=["tensor", "stored"], default="tensor",
+                       help="what density/beta/gamma count: the whole tensor (PEFT) or the stored entries (default: %(default)s)")
+    merge.add_argument("--output", choices=["auto", "sparse", "dense"], default="auto",
+                       help="sparse (union of masks), dense, or auto: sparse when every expert is (default: %(default)s)")
+    merge.add_argument("--seed", type=int, default=0, help="DARE's random drops (default: %(default)s)")
+    merge.add_argument("--no-safe-merge", action="store_true", help="merge even if an expert or the result holds NaN/Inf")
+    merge.add_argument("--model-out", default=None,
+                       help="also write the merged full model (base weights + merge) to this directory")
+    merge.add_argument("--model", default=None, help="base checkpoint for --model-out (default: the built-in tiny Phi-3)")
+    merge.add_argument("--cache-dir", default=None, help="built-in base model cache")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="held-in / held-out Rouge-L of the base model, an adapter, an expert or a merge",
+        description="Greedy generation and Rouge-L F x100 (rouge-score, stemmer on, max over references, mean over "
+                    "examples) on each task's test split. --adapter takes any adapter, expert or merged file; it is "
+                    "added to the base weights. Writes results.json and results.md to --out.")
+    ev.add_argument("--adapter", default=None, help="adapter / expert / merged file (default: evaluate the base model)")
+    ev.add_argument("--model", default=None, help="local base checkpoint (default: the built-in tiny Phi-3)")
+    ev.add_argument("--held-in", nargs="*", default=None, help="held-in tasks (default: the 20 built-in held-in tasks)")
+    ev.add_argument("--held-out", nargs="*", default=None, help="held-out tasks (default: the 10 built-in held-out tasks)")
+    ev.add_argument("--data", nargs="+", default=None, help="FLAN-format files or a dataset name (default: built-in tasks)")
+    ev.add_argument("--n-test", type=int, default=100, help="built-in tasks: test examples per task (default: %(default)s)")
+    ev.add_argument("--max-examples-per-task", type=int, default=None, help="--data: sub-sample each task")
+    ev.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: 48 built-in, 1024 otherwise)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: 16 built-in, 128 otherwise)")
+    ev.add_argument("--batch-size", type=int, default=100, help="generation batch size (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the built-in task generation (default: %(default)s)")
+    ev.add_argument("--out", default="runs/eval", help="output directory (default: %(default)s)")
+    ev.add_argument("--cache-dir", default=None, help="built-in base model cache")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_reproduce_parser(sub) -> None:
+    rep = sub.add_parser(
+        "reproduce", help="the paper's merging tables and figures on the built-in suite",
+        description="Train (once, cached under --out) the experts the analysis needs and write its table or plot: "
+                    "table1 (20 experts merged with every method, per expert kind, + multitask), fig6 (N merged "
+                    "experts), fig5 (interference), table3 (layer drop), table4 (multitask training continued from "
+                    "the merged sparse weights), or all. Writes <name>.json, <name>.md (and <name>.png) to --out.")
+    rep.add_argument("what", choices=["table1", "fig6", "fig5", "table3", "table4", "all"])
+    rep.add_argument("--out", default="runs/paper", help="output directory and expert cache (default: %(default)s)")
+    rep.add_argument("--held-in", nargs="+", default=None, help="held-in tasks (default: the 20 built-in ones)")
+    rep.add_argument("--held-out", nargs="*", default=None, help="held-out tasks (default: the 10 built-in ones)")
+    rep.add_argument("--kinds", nargs="+", default=None, choices=["sparse", "block", "lora", "full"],
+                     help="expert kinds (default: all four)")
+    rep.add_argument("--n-train", type=int, default=800, help="training examples per task (default: %(default)s)")
+    rep.add_argument("--n-test", type=int, default=100, help="test examples per task (default: %(default)s)")
+    rep.add_argument("--epochs", type=int, default=5, help="epochs per expert (default: %(default)s)")
+    rep.add_argument("--multitask-epochs", type=int, default=5, help="epochs of the multitask baseline (default: %(default)s)")
+    rep.add_argument("--update-interval", type=int, default=20, help="mask update interval in steps (default: %(default)s)")
+    rep.add_argument("--keep-ratio", type=float, default=0.1, help="sparse adapters' keep ratio (default: %(default)s)")
+    rep.add_argument("--trials", type=int, default=10, help="fig6: random subsets per N (default: %(default)s)")
+    rep.add_argument("--ns", type=int, nargs="+", default=[2, 5, 10, 20], help="fig6: numbers of merged experts")
+    rep.add_argument("--table4-epochs", type=int, nargs="+", default=[1, 5],
+                     help="table4: epochs of continued multitask training (default: 1 5)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--cache-dir", default=None, help="built-in base model cache")
+    rep.add_argument("--no-progress", action="store_true", help="no progress output")
+
+
+def _cmd_merge(args) -> int:
+    from sparse_engine.merging import apply_merged, load_expert, merge_experts, resolve_params, save_merged
+
+    params = {"lam": args.lam, "density": args.density, "sign": args.sign, "drop_rate": args.drop_rate,
+              "beta": args.beta, "gamma": args.gamma}
+    if args.no_rescale:
+        params["rescale"] = False
+    method = "overlap_average" if args.method == "eq4" else args.method
+    params = {k: v for k, v in params.items() if v is not None}
+    resolve_params(method, **params)  # bad hyper-parameters fail before any file is read
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must be a .safetensors file, got {out}")
+    experts = [load_expert(p) for p in args.experts]
+    start = time.perf_counter()
+    merged = merge_experts(experts, method, weights=args.weights, basis=args.basis, output=args.output,
+                           seed=args.seed, safe_merge=not args.no_safe_merge, **params)
+    seconds = time.perf_counter() - start
+    model = None
+    if args.model_out:
+        model, tokenizer = _load_model(args)
+        apply_merged(model, merged, safe_merge=not args.no_safe_merge)
+    path = save_merged(merged, out)
+    kind = "sparse adapter (union of masks)" if merged.is_sparse else "dense expert file"
+    print(f"merged {len(experts)} experts with {merged.method} {merged.params} in {seconds:.2f} s")
+    if "union_density" in merged.stats:
+        print(f"union of masks: {100 * merged.stats['union_density']:.2f}% of the adapted weights")
+    print(f"wrote {path} ({kind})")
+    if model is not None:
+        model.save_pretrained(args.model_out)
+        tokenizer.save_pretrained(args.model_out)
+        print(f"wrote the merged full model to {args.model_out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from sparse_engine import analysis, data, evaluation
+    from sparse_engine.merging import apply_merged, load_expert
+
+    if args.n_test < 1 or args.batch_size < 1:
+        raise ValueError("--n-test and --batch-size must be >= 1")
+    held_in = list(data.HELD_IN) if args.held_in is None else list(args.held_in)
+    held_out = list(data.HELD_OUT) if args.held_out is None else list(args.held_out)
+    if not held_in and not held_out:
+        raise ValueError("no tasks to evaluate (--held-in and --held-out are both empty)")
+    builtin = args.data is None
+    if builtin:
+        known = set(data.list_builtin_tasks())
+        unknown = [t for t in held_in + held_out if t not in known]
+        if unknown:
+            raise ValueError(f"unknown built-in task(s) {unknown}; see `sparse-engine tasks` (or pass --data)")
+        tasks = {t: data.builtin_task_data(t, n_train=0, n_validation=0, n_test=args.n_test, seed=args.seed)
+                 for t in held_in + held_out}
+    else:
+        tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=held_in + held_out,
+                               max_examples_per_task=args.max_examples_per_task, seed=args.seed)
+    expert = load_expert(args.adapter) if args.adapter else None
+    model, tokenizer = _load_model(args)
+    if expert is not None:
+        apply_merged(model, expert)
+    gen = {"max_new_tokens": args.max_new_tokens or (16 if builtin else 128),
+           "max_length": args.max_length or (48 if builtin and args.model is None else 1024),
+           "batch_size": args.batch_size}
+    start = time.perf_counter()
+    result = analysis.evaluate_held(model, tokenizer, {t: tasks[t] for t in held_in},
+                                    {t: tasks[t] for t in held_out}, **gen)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
+    rows = [{"group": g, "task": t, "Rouge-L": round(v, 2)} for g in ("held_in", "held_out")
+            for t, v in result[g].items()]
+    rows += [{"group": g, "task": "mean", "Rouge-L": round(result[f"{g}_mean"], 2)}
+             for g in ("held_in", "held_out") if result[f"{g}_mean"] is not None]
+    out = Path(args.out)
+    analysis.write_report(out, "results", result, rows, ["group", "task", "Rouge-L"],
+                          title=f"Rouge-L of {args.adapter or 'the base model'}")
+    print(evaluation.markdown_table(rows, ["group", "task", "Rouge-L"]))
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from sparse_engine import analysis
+
+    kwargs = dict(out_dir=args.out, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs,
+                  multitask_epochs=args.multitask_epochs, update_interval=args.update_interval,
+                  keep_ratio=args.keep_ratio, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
+    if args.held_in is not None:
+        kwargs["held_in"] = tuple(args.held_in)
+    if args.held_out is not None:
+        kwargs["held_out"] = tuple(args.held_out)
+    if args.kinds is not None:
+        kwargs["kinds"] = tuple(args.kinds)
+    if not 0.0 < args.keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {args.keep_ratio}")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    setup = analysis.PaperSetup(**kwargs)
+    if args.what in ("fig6", "all") and not [n for n in args.ns if 1 <= n <= len(setup.held_in)]:
+        raise ValueError(f"--ns: no value in [1, {len(setup.held_in)}]")
+    results = analysis.reproduce(args.what, setup, fig6={"ns": args.ns, "trials": args.trials},
+                                 table4={"epochs": tuple(args.table4_epochs)})
+    for name in results:
+        print((Path(args.out) / f"{name}.md").read_text())
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -196,7 +394,8 @@ def _cmd_tasks(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks}
+    handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval,
+                "reproduce": _cmd_reproduce}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as exc:

@@ -62,7 +62,7 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
         if out_dir is not None:
             path = save_adapter(model, Path(out_dir) / f"{task.name}-{spec.method}.safetensors",
                                 extra_metadata={"task": task.name, "method": spec.method})
-            info["adapter_file"] = str(path)
+            info["adapter_file"] = info["expert_file"] = str(path)
     elif spec.method == "lora":
         rank = matched_lora_rank(model, spec.adapter)
         model = attach_lora(model, rank, spec.adapter.target_modules)
@@ -71,6 +71,18 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
     else:
         prepare_full_finetune(model)
         result = train_expert(model, dataset, training, collate_fn=collate)
+    if spec.method in ("lora", "full") and out_dir is not None:
+        # Keep the expert's task vector for merging: LoRA factors (ΔW = scale·B·A per target
+        # layer) or the full fine-tune's τ = W_ft − W of every parameter.
+        from sparse_engine.merging import expert_from_full_model, expert_from_lora_model, save_expert
+
+        if spec.method == "lora":
+            expert = expert_from_lora_model(model, task.name, base_model=base_model)
+        else:
+            expert = expert_from_full_model(model, base_model, task.name, target_modules=spec.adapter.target_modules)
+        path = save_expert(expert, Path(out_dir) / f"{task.name}-{spec.method}.safetensors",
+                           extra={"task": task.name, "method": spec.method})
+        info["expert_file"] = str(path)
     info.update(result.to_dict())
     info["final_loss"] = result.losses[-1] if result.losses else None
     del info["losses"]
@@ -126,14 +138,60 @@ def summary_rows(results: dict, total_params: int | None = None) -> list[dict]:
     return rows
 
 
+DEMO_HELD_OUT = ("sort_descending", "count_animals", "fruit_to_colour")
+# The demo's merged section (Table-1-like): Eq. 4 for sparse experts, plain averaging for
+# the dense ones, and two baselines for every kind (default hyper-parameters).
+DEMO_MERGES = {"sparse": ("overlap_average", "task_arithmetic", "ties"),
+               "block": ("overlap_average", "task_arithmetic", "ties"),
+               "lora": ("average", "task_arithmetic", "ties"),
+               "full": ("average", "task_arithmetic", "ties")}
+
+
+def merged_section(base_model, tokenizer, held_in: dict, held_out: dict, experts_dir, methods, *,
+                   merges=None, max_new_tokens: int = 16, max_length: int = 48, progress: bool = False) -> dict:
+    """Merge each method's experts in ``experts_dir`` and score held-in / held-out Rouge-L.
+
+    ``held_in``: the tasks the experts were trained on; ``held_out``: unseen tasks.
+    Returns ``{"rows": [...], "table": markdown, "scores": {...}}``.
+    """
+    from sparse_engine.analysis import evaluate_held
+    from sparse_engine.merging import apply_merged, load_expert, merge_experts
+
+    labels = {"overlap_average": "Eq. 4 averaging", "average": "averaging", "task_arithmetic": "task arithmetic",
+              "ties": "TIES"}
+    gen = {"max_new_tokens": max_new_tokens, "max_length": max_length, "batch_size": 100}
+    base = evaluate_held(base_model, tokenizer, held_in, held_out, **gen)
+    rows = [{"experts": "base (no training)", "merging": "-", "held-in": round(base["held_in_mean"], 2),
+             "held-out": round(base["held_out_mean"], 2) if held_out else None}]
+    scores = {"base": base}
+    for method in methods:
+        experts = [load_expert(Path(experts_dir) / f"{t}-{method}.safetensors", name=t) for t in held_in]
+        for merge in (merges or DEMO_MERGES)[method]:
+            merged = merge_experts(experts, merge)
+            model = copy.deepcopy(base_model)
+            apply_merged(model, merged)
+            res = evaluate_held(model, tokenizer, held_in, held_out, **gen)
+            del model
+            scores[f"{method}/{merge}"] = res
+            rows.append({"experts": METHOD_LABELS.get(method, method), "merging": labels.get(merge, merge),
+                         "held-in": round(res["held_in_mean"], 2),
+                         "held-out": round(res["held_out_mean"], 2) if held_out else None})
+    return {"rows": rows, "table": evaluation.markdown_table(rows, list(rows[0].keys())), "scores": scores}
+
+
 def run_demo(*, tasks=DEMO_TASKS, n_train: int = 800, n_test: int = 100, epochs: int = 5,
              batch_size: int = 16, update_interval: int = 20, methods=METHODS, out_dir="runs/demo",
-             cache_dir=None, seed: int = 0, progress: bool = True, base_spec=None) -> dict:
+             cache_dir=None, seed: int = 0, progress: bool = True, base_spec=None,
+             held_out=DEMO_HELD_OUT, merge: bool = True) -> dict:
     """The paper's single-task comparison on the built-in suite, end to end on a CPU.
 
     Base model (built and cached on first use), then one expert per (task, method),
     then a Rouge-L table. ``update_interval`` is Algorithm 1's 100 steps scaled to the
     demo's ~50 steps per epoch, so the mask is re-selected twice in epoch 1.
+
+    ``merge``: then a Table-1-like section: each method's experts merged (Eq. 4 /
+    averaging, task arithmetic, TIES) and scored on the demo's tasks (held-in) and on
+    ``held_out`` built-in tasks no expert saw.
     """
     from sparse_engine.builtin import load_builtin_base
 
@@ -153,6 +211,17 @@ def run_demo(*, tasks=DEMO_TASKS, n_train: int = 800, n_test: int = 100, epochs:
     rows = summary_rows(results, total)
     columns = list(rows[0].keys())
     table = evaluation.markdown_table(rows, columns)
+    if merge:
+        held_out_suite = {t: data.builtin_task_data(t, n_train=0, n_validation=0, n_test=n_test, seed=seed)
+                          for t in held_out}
+        merged_start = time.perf_counter()
+        section = merged_section(base_model, tokenizer, suite, held_out_suite, out / "adapters", methods,
+                                 max_new_tokens=16, max_length=48)
+        results["merged_rows"] = section["rows"]
+        results["merged_scores"] = section["scores"]
+        results["merged_seconds"] = round(time.perf_counter() - merged_start, 1)
+        table += (f"\n\nMerged experts ({len(suite)} held-in tasks above, {len(held_out)} held-out: "
+                  f"{', '.join(held_out)}), mean Rouge-L:\n\n" + section["table"])
     results.update({
         "rows": rows,
         "table": table,

@@ -50,7 +50,7 @@ def base_fingerprint(model: nn.Module) -> str:
     return weights_fingerprint((name, layer.base.weight) for name, layer in adapter_layers(model).items())
 
 
-def _atomic_save(tensors: dict, metadata: dict, path: Path) -> None:
+def atomic_save(tensors: dict, metadata: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
@@ -92,7 +92,7 @@ def save_adapter(model: nn.Module, path, *, extra_metadata: dict | None = None) 
         "layers": shapes,
         "extra": extra_metadata or {},
     }
-    _atomic_save(tensors, {METADATA_KEY: json.dumps(meta)}, path)
+    atomic_save(tensors, {METADATA_KEY: json.dumps(meta)}, path)
     return path
 
 

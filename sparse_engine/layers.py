@@ -220,7 +220,8 @@ class SparseAdapterLinear(nn.Module):
             values, kept = delta.blocks, delta.block_indices
         else:
             values, kept = delta.values, delta.indices
-        self.delta = nn.Parameter(values.to(device=device, dtype=torch.float32).contiguous())
+        # A copy: training must never write into the caller's tensors (e.g. a loaded file's).
+        self.delta = nn.Parameter(values.to(device=device, dtype=torch.float32, copy=True).contiguous())
         self.indices = kept.to(device).contiguous()
         self.mask = None
         self.phase = FIXED

@@ -146,3 +146,14 @@ def test_block_size_that_does_not_divide_the_weight_is_rejected_before_anything_
     with pytest.raises(ValueError, match="block_size 16 does not divide"):
         attach(model, cfg)
     assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)
+
+
+def test_loading_a_delta_copies_it_so_training_never_writes_into_the_callers_tensor():
+    layer = SparseAdapterLinear(nn.Linear(16, 32), SparseAdapterConfig(backend="reference"))
+    values = torch.randn(5)
+    delta = SparseDelta((32, 16), values, torch.tensor([0, 3, 9, 100, 511], dtype=torch.int32))
+    before = values.clone()
+    layer.load_sparse(delta)
+    with torch.no_grad():
+        layer.delta.add_(1.0)
+    assert torch.equal(values, before)

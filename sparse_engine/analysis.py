@@ -1,0 +1,630 @@
+"""The paper's merging experiments on the built-in suite: Table 1, Fig. 6, Fig. 5, Table 3, Table 4.
+
+Everything runs from one :class:`PaperSetup` (sizes, seeds, output folder) through a
+:class:`Workspace`, which
+
+* loads the built-in tiny Phi-3 (or builds and caches it),
+* trains each (task, kind) expert once and keeps it in an expert library under
+  ``<out>/experts-<hash of the training settings>/`` (adapter files for sparse / block
+  experts, expert files with LoRA factors or full fine-tune task vectors for the others,
+  and ``index.json`` with each expert's training record and its own-task Rouge-L), so
+  every analysis reuses the same experts and a stopped run resumes where it stopped,
+* trains the multitask baseline (full fine-tuning on all held-in tasks together), and
+* evaluates a merge by adding it to a copy of the base weights and scoring held-in and
+  held-out tasks with Rouge-L (``sparse_engine.evaluation``).
+
+Each ``run_*`` function writes ``<name>.json`` and ``<name>.md`` (and ``<name>.png``
+for the figures) under ``<out>`` and returns its payload. ``sparse-engine reproduce``
+is the command line for them. The paper's own numbers are kept here
+(``PAPER_TABLE1`` …) so every table prints them beside ours.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from sparse_engine import data, evaluation
+from sparse_engine.merging import (
+    Expert,
+    MergeResult,
+    apply_merged,
+    load_expert,
+    mask_result,
+    merge_experts,
+)
+
+KINDS = ("sparse", "block", "lora", "full")
+KIND_LABELS = {"sparse": "Element-Sparse", "block": "Block-Sparse", "lora": "LoRA", "full": "Full-Finetune",
+               "sparse_ld": "Element-Sparse + layer drop"}
+METHOD_LABELS = {"overlap_average": "Averaging (Eq. 4)", "average": "Averaging", "task_arithmetic": "Task-Arithmetic",
+                 "ties": "Ties", "dare_linear": "DARE", "dare_ties": "DARE-Ties", "breadcrumbs": "Breadcrumbs",
+                 "magnitude_prune": "Magnitude-prune"}
+# The merges of Table 1, per expert kind: (method, hyper-parameters). Sparse experts are
+# averaged with Eq. 4 (the paper's choice); plain uniform averaging is reported too.
+TABLE1_METHODS = {
+    "sparse": [("overlap_average", {}), ("average", {}), ("task_arithmetic", {}), ("ties", {}),
+               ("dare_ties", {}), ("breadcrumbs", {})],
+    "block": [("overlap_average", {}), ("average", {}), ("task_arithmetic", {}), ("ties", {}),
+              ("dare_ties", {}), ("breadcrumbs", {})],
+    "lora": [("average", {}), ("task_arithmetic", {}), ("ties", {}), ("dare_ties", {}), ("breadcrumbs", {})],
+    "full": [("average", {}), ("task_arithmetic", {}), ("ties", {}), ("dare_ties", {}), ("breadcrumbs", {})],
+}
+FIG6_PAIRS = (("sparse", "overlap_average"), ("block", "overlap_average"), ("lora", "average"),
+              ("full", "average"), ("full", "task_arithmetic"), ("full", "ties"), ("full", "breadcrumbs"))
+
+# The paper's numbers (Phi-3-mini, 20 FLAN held-in / 10 held-out tasks), for comparison.
+PAPER_TABLE1 = {
+    ("full", "average"): (45.33, 38.98),
+    ("full", "task_arithmetic"): (39.40, 25.31),
+    ("full", "ties"): (50.21, 46.16),
+    ("full", "breadcrumbs"): (39.44, 25.33),
+    ("lora", "average"): (45.96, 44.01),
+    ("sparse", "overlap_average"): (51.44, 43.09),
+    ("block", "overlap_average"): (50.37, 43.61),
+    ("multitask", None): (77.15, 54.00),
+}
+PAPER_TRAINABLE = {"full": "100%", "lora": "1.54%", "sparse": "2.37%", "block": "2.37%", "multitask": "100%"}
+PAPER_TABLE3 = {"sparse": (51.44, 43.03, "32"), "sparse_ld": (48.45, 41.29, "20.02 ± 2.08")}
+PAPER_TABLE4 = {("st", 1): (69.70, 50.96), ("st", 5): (76.45, None), ("fft", 1): (73.90, 43.04),
+                ("fft", 5): (76.72, None), ("multitask", None): (77.15, 54.00)}
+PAPER_FIG5 = {"masked_drop_pct": 20.61, "additional_drop_pct": 13.05}
+
+
+# ============================================================================ evaluation
+def evaluate_held(model, tokenizer, held_in: Mapping, held_out: Mapping | None = None, **gen_kwargs) -> dict:
+    """Rouge-L per task and the means, held-in and held-out: the paper's two columns."""
+    result = {"held_in": evaluation.evaluate_tasks(model, tokenizer, held_in, **gen_kwargs) if held_in else {}}
+    result["held_out"] = evaluation.evaluate_tasks(model, tokenizer, held_out, **gen_kwargs) if held_out else {}
+    for split in ("held_in", "held_out"):
+        result[f"{split}_mean"] = evaluation.mean_score(result[split]) if result[split] else None
+    return result
+
+
+def write_report(out_dir, name: str, payload: dict, rows: Sequence[Mapping], columns: Sequence[str],
+                 title: str | None = None, notes: Sequence[str] = ()) -> tuple[Path, Path]:
+    """``<name>.json`` (``payload`` with ``rows`` added) and ``<name>.md`` (a title, the table, notes)."""
+    out = Path(out_dir)
+    payload["rows"] = list(rows)  # the caller's payload gets the rows too
+    js = evaluation.write_results_json(out / f"{name}.json", payload)
+    lines = [f"## {title}", ""] if title else []
+    lines.append(evaluation.markdown_table(rows, columns))
+    if notes:
+        lines.append("")
+        lines.extend(notes)
+    md = out / f"{name}.md"
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(md)
+    return js, md
+
+
+# ================================================================================ setup
+@dataclass
+class PaperSetup:
+    """Sizes and seeds of the paper's experiments on the built-in suite.
+
+    Defaults are the full Table-1 run (20 held-in and 10 held-out tasks, 800 training
+    and 100 test examples per task, 5 epochs, keep ratio 0.1, mask updates every 20 steps
+    — the paper's 100 scaled to ~50 steps per epoch).
+    """
+
+    out_dir: str = "runs/paper"
+    held_in: tuple[str, ...] = data.HELD_IN
+    held_out: tuple[str, ...] = data.HELD_OUT
+    kinds: tuple[str, ...] = KINDS
+    n_train: int = 800
+    n_test: int = 100
+    epochs: int = 5
+    batch_size: int = 16
+    update_interval: int = 20
+    keep_ratio: float = 0.1
+    max_length: int = 48
+    max_new_tokens: int = 16
+    eval_batch_size: int = 100
+    multitask_epochs: int = 5
+    seed: int = 0
+    learning_rates: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+    base_spec: object = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.held_in, self.held_out, self.kinds = tuple(self.held_in), tuple(self.held_out), tuple(self.kinds)
+        known = set(data.list_builtin_tasks())
+        for group, names in (("held_in", self.held_in), ("held_out", self.held_out)):
+            bad = [t for t in names if t not in known]
+            if bad:
+                raise ValueError(f"{group}: unknown built-in task(s) {bad}; see `sparse-engine tasks`")
+        if not self.held_in:
+            raise ValueError("held_in: at least one task is needed")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"kinds: unknown expert kind(s) {bad}; choose from {KINDS}")
+        for name in ("n_train", "n_test", "epochs", "batch_size", "update_interval", "max_length",
+                     "max_new_tokens", "eval_batch_size", "multitask_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def library_key(self) -> str:
+        """Hash of everything that determines the trained experts (not the evaluation)."""
+        from sparse_engine.experts import DEFAULT_LEARNING_RATES
+
+        base = self.base_spec.key() if self.base_spec is not None else "default"
+        blob = {"n_train": self.n_train, "n_test": self.n_test, "epochs": self.epochs, "batch_size": self.batch_size,
+                "update_interval": self.update_interval, "keep_ratio": self.keep_ratio,
+                "max_length": self.max_length, "seed": self.seed, "base": base,
+                "lr": dict(DEFAULT_LEARNING_RATES, **self.learning_rates), "multitask_epochs": self.multitask_epochs}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Workspace:
+    """Base model, task data, expert library and evaluation for the paper's analyses."""
+
+    def __init__(self, setup: PaperSetup):
+        from sparse_engine.builtin import load_builtin_base
+
+        self.setup = setup
+        self.out = Path(setup.out_dir)
+        self.library = self.out / f"experts-{setup.library_key()}"
+        self.library.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.perf_counter()
+        self.base, self.tokenizer = load_builtin_base(setup.base_spec, cache_dir=setup.cache_dir,
+                                                      progress=setup.progress)
+        self.base.eval()
+        self.total_params = sum(p.numel() for p in self.base.parameters())
+        self._tasks: dict[str, data.TaskData] = {}
+        self._index_path = self.library / "index.json"
+        self.index = json.loads(self._index_path.read_text()) if self._index_path.exists() else {}
+        self.index.setdefault("settings", setup.to_dict() | {"out_dir": None})
+        self.index.setdefault("experts", {})
+        self.index.setdefault("scores", {})
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, message: str) -> None:
+        if self.setup.progress:
+            print(f"[{time.perf_counter() - self._t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def _save_index(self) -> None:
+        evaluation.write_results_json(self._index_path, self.index)
+
+    def task(self, name: str) -> data.TaskData:
+        if name not in self._tasks:
+            self._tasks[name] = data.builtin_task_data(name, n_train=self.setup.n_train, n_validation=0,
+                                                       n_test=self.setup.n_test, seed=self.setup.seed)
+        return self._tasks[name]
+
+    def tasks(self, names) -> dict[str, data.TaskData]:
+        return {n: self.task(n) for n in names}
+
+    @property
+    def gen_kwargs(self) -> dict:
+        return {"max_new_tokens": self.setup.max_new_tokens, "max_length": self.setup.max_length,
+                "batch_size": self.setup.eval_batch_size}
+
+    def _spec(self, method: str, *, layer_drop: bool = False, epochs: int | None = None):
+        from sparse_engine.config import SparseAdapterConfig
+        from sparse_engine.experts import DEFAULT_LEARNING_RATES, ExpertSpec
+        from sparse_engine.training import TrainingConfig
+
+        rates = dict(DEFAULT_LEARNING_RATES, **self.setup.learning_rates)
+        return ExpertSpec(
+            method=method,
+            adapter=SparseAdapterConfig(keep_ratio=self.setup.keep_ratio, update_interval=self.setup.update_interval,
+                                        layer_drop=layer_drop, seed=self.setup.seed),
+            training=TrainingConfig(epochs=epochs or self.setup.epochs, batch_size=self.setup.batch_size,
+                                    learning_rate=rates[method], seed=self.setup.seed, progress=False),
+            max_length=self.setup.max_length,
+        )
+
+    # ------------------------------------------------------------------ experts
+    def expert_key(self, kind: str, task: str) -> str:
+        return f"{task}-{kind}"
+
+    def ensure_experts(self, kind: str, tasks: Sequence[str]) -> dict[str, Expert]:
+        """The ``kind`` expert of every task (trained now if not in the library yet).
+
+        ``kind``: sparse, block, lora, full, or ``sparse_ld`` (element-sparse with layer drop).
+        """
+        from sparse_engine.experts import train_task_expert
+
+        method = "sparse" if kind == "sparse_ld" else kind
+        folder = self.library / ("layer_drop" if kind == "sparse_ld" else "")
+        experts = {}
+        for name in tasks:
+            key = self.expert_key(kind, name)
+            info = self.index["experts"].get(key)
+            if info is None or not (self.library / info["file"]).exists():
+                self.log(f"training {kind} expert on {name}")
+                spec = self._spec(method, layer_drop=kind == "sparse_ld")
+                model, info = train_task_expert(self.base, self.tokenizer, self.task(name), spec, folder)
+                info["rouge_l"] = evaluation.evaluate_tasks(model, self.tokenizer, {name: self.task(name)},
+                                                            **self.gen_kwargs)[name]
+                info["kind"] = kind
+                info["file"] = os.path.relpath(info["expert_file"], self.library)
+                del model
+                self.index["experts"][key] = info
+                self._save_index()
+            experts[name] = load_expert(self.library / info["file"], name=name)
+        return experts
+
+    def expert_info(self, kind: str, task: str) -> dict:
+        return self.index["experts"][self.expert_key(kind, task)]
+
+    def trainable_pct(self, kind: str, tasks: Sequence[str]) -> float:
+        counts = [self.expert_info(kind, t)["trainable_params"] for t in tasks]
+        return 100.0 * (sum(counts) / len(counts)) / self.total_params
+
+    def ensure_multitask(self) -> dict:
+        """The multitask baseline (full fine-tuning on all held-in tasks at once): its scores."""
+        from sparse_engine.experts import train_task_expert
+
+        key = f"multitask-{'+'.join(self.setup.held_in)}"
+        key = "multitask-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        info = self.index["experts"].get(key)
+        if info is None or not (self.library / info["file"]).exists() or "scores" not in info:
+            self.log(f"training the multitask baseline on {len(self.setup.held_in)} tasks")
+            examples = [ex for t in self.setup.held_in for ex in self.task(t).train]
+            task = data.TaskData(key, train=examples)
+            model, info = train_task_expert(self.base, self.tokenizer, task, self._spec(
+                "full", epochs=self.setup.multitask_epochs), self.library)
+            self.log("evaluating the multitask baseline")
+            info["scores"] = evaluate_held(model, self.tokenizer, self.tasks(self.setup.held_in),
+                                           self.tasks(self.setup.held_out), **self.gen_kwargs)
+            info["file"] = os.path.relpath(info["expert_file"], self.library)
+            del model
+            self.index["experts"][key] = info
+            self._save_index()
+        return info
+
+    # ----------------------------------------------------------------- evaluate
+    def model_with(self, merged: MergeResult | Expert | None):
+        model = copy.deepcopy(self.base)
+        if merged is not None:
+            apply_merged(model, merged)
+        return model
+
+    def evaluate(self, merged: MergeResult | Expert | None, held_in: Sequence[str] | None = None,
+                 held_out: Sequence[str] | None = None) -> dict:
+        """Held-in / held-out Rouge-L of base + ``merged`` (the base alone for ``None``)."""
+        held_in = self.setup.held_in if held_in is None else held_in
+        held_out = self.setup.held_out if held_out is None else held_out
+        model = self.model_with(merged)
+        return evaluate_held(model, self.tokenizer, self.tasks(held_in), self.tasks(held_out), **self.gen_kwargs)
+
+    def base_scores(self) -> dict:
+        key = "base:" + hashlib.sha256(json.dumps([self.setup.held_in, self.setup.held_out, self.setup.n_test,
+                                                   self.gen_kwargs]).encode()).hexdigest()[:8]
+        if key not in self.index["scores"]:
+            self.log("evaluating the base model")
+            self.index["scores"][key] = self.evaluate(None)
+            self._save_index()
+        return self.index["scores"][key]
+
+
+def _r(x):
+    return None if x is None else round(float(x), 2)
+
+
+def _settings_note(ws: Workspace, seconds: float) -> str:
+    s = ws.setup
+    return (f"Built-in suite: {len(s.held_in)} held-in, {len(s.held_out)} held-out tasks; {s.n_train} training and "
+            f"{s.n_test} test examples per task; {s.epochs} epochs per expert; keep ratio {s.keep_ratio}; "
+            f"tiny Phi-3 base ({ws.total_params:,} parameters); seed {s.seed}; {seconds:.0f} s "
+            f"on {torch.get_num_threads()} CPU threads.")
+
+
+# ============================================================================== Table 1
+def run_table1(setup: PaperSetup, workspace: Workspace | None = None, methods: dict | None = None) -> dict:
+    """Table 1: the held-in experts merged with every method, per expert kind, + multitask."""
+    start = time.perf_counter()
+    ws = workspace or Workspace(setup)
+    methods = methods or TABLE1_METHODS
+    base = ws.base_scores()
+    rows = [{"method": "Base model", "merging": "-", "% trainable": "-", "held-in": _r(base["held_in_mean"]),
+             "held-out": _r(base["held_out_mean"]), "paper held-in": None, "paper held-out": None}]
+    details = {"base": base, "merges": {}, "individual": {}}
+    for kind in setup.kinds:
+        experts = ws.ensure_experts(kind, setup.held_in)
+        individual = {t: ws.expert_info(kind, t)["rouge_l"] for t in setup.held_in}
+        details["individual"][kind] = individual
+        pct = ws.trainable_pct(kind, setup.held_in)
+        for method, params in methods.get(kind, []):
+            ws.log(f"table1: merging {len(experts)} {kind} experts with {method}")
+            merged = merge_experts(list(experts.values()), method, **params)
+            scores = ws.evaluate(merged)
+            details["merges"][f"{kind}/{method}"] = {"params": merged.params, "stats": merged.stats, **scores}
+            paper = PAPER_TABLE1.get((kind, method), (None, None))
+            rows.append({"method": KIND_LABELS[kind], "merging": METHOD_LABELS[method], "% trainable": f"{pct:.2f}%",
+                         "held-in": _r(scores["held_in_mean"]), "held-out": _r(scores["held_out_mean"]),
+                         "paper held-in": paper[0], "paper held-out": paper[1]})
+    mt = ws.ensure_multitask()
+    details["multitask"] = mt["scores"]
+    paper = PAPER_TABLE1[("multitask", None)]
+    rows.append({"method": "Multitask", "merging": "-", "% trainable": "100%",
+                 "held-in": _r(mt["scores"]["held_in_mean"]), "held-out": _r(mt["scores"]["held_out_mean"]),
+                 "paper held-in": paper[0], "paper held-out": paper[1]})
+    individual_rows = [{"experts": KIND_LABELS[k], "mean own-task Rouge-L": _r(evaluation.mean_score(v))}
+                       for k, v in details["individual"].items()]
+    seconds = time.perf_counter() - start
+    payload = {"table": "table1", "setup": setup.to_dict(), "details": details, "individual_rows": individual_rows,
+               "seconds": round(seconds, 1)}
+    notes = [_settings_note(ws, seconds), "",
+             "Individual experts (each on its own task, no merging): " + ", ".join(
+                 f"{r['experts']} {r['mean own-task Rouge-L']:.2f}" for r in individual_rows),
+             "", "Hyper-parameters: " + "; ".join(
+                 f"{k}: {v['params']}" for k, v in details["merges"].items() if v["params"])]
+    write_report(setup.out_dir, "table1", payload, rows, list(rows[0].keys()),
+                 title=f"Table 1: merging {len(setup.held_in)} experts (mean Rouge-L)", notes=notes)
+    ws.log(f"table1 done in {seconds:.0f} s -> {Path(setup.out_dir) / 'table1.md'}")
+    return payload
+
+
+# ================================================================================ Fig. 6
+def run_fig6(setup: PaperSetup, workspace: Workspace | None = None, ns: Sequence[int] = (2, 5, 10, 20),
+             trials: int = 10, pairs: Sequence[tuple[str, str]] = FIG6_PAIRS) -> dict:
+    """Fig. 6: merge N random held-in experts (same subsets for every method), score their tasks."""
+    start = time.perf_counter()
+    ws = workspace or Workspace(setup)
+    ns = sorted({int(n) for n in ns if 1 <= int(n) <= len(setup.held_in)})
+    if not ns:
+        raise ValueError(f"fig6: no N in [1, {len(setup.held_in)}] (the number of held-in tasks)")
+    if trials < 1:
+        raise ValueError(f"fig6: trials must be >= 1, got {trials}")
+    pairs = [p for p in pairs if p[0] in setup.kinds]
+    rng = random.Random(setup.seed)
+    subsets = {n: [tuple(sorted(rng.sample(list(setup.held_in), n))) for _ in range(trials)] for n in ns}
+    results: dict[str, dict[int, list[float]]] = {}
+    cache: dict[tuple, float] = {}
+    for kind, method in pairs:
+        experts = ws.ensure_experts(kind, setup.held_in)
+        label = f"{KIND_LABELS[kind]} / {METHOD_LABELS[method]}"
+        results[label] = {}
+        for n in ns:
+            ws.log(f"fig6: {label}, N={n}")
+            scores = []
+            for subset in subsets[n]:
+                key = (kind, method, subset)
+                if key not in cache:
+                    merged = merge_experts([experts[t] for t in subset], method)
+                    cache[key] = ws.evaluate(merged, held_in=subset, held_out=())["held_in_mean"]
+                scores.append(cache[key])
+            results[label][n] = scores
+    rows = []
+    for label, by_n in results.items():
+        row = {"experts / merging": label}
+        for n in ns:
+            vals = by_n[n]
+            sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+            row[f"N={n}"] = f"{statistics.fmean(vals):.2f} ± {sd:.2f}"
+        rows.append(row)
+    png = Path(setup.out_dir) / "fig6.png"
+    _plot_fig6(results, ns, png)
+    seconds = time.perf_counter() - start
+    payload = {"figure": "fig6", "setup": setup.to_dict(), "ns": ns, "trials": trials,
+               "subsets": {str(n): [list(s) for s in subsets[n]] for n in ns},
+               "scores": {label: {str(n): v for n, v in by_n.items()} for label, by_n in results.items()},
+               "png": str(png), "seconds": round(seconds, 1)}
+    write_report(setup.out_dir, "fig6", payload, rows, list(rows[0].keys()),
+                 title="Fig. 6: held-in Rouge-L of N merged experts (mean ± std over trials)",
+                 notes=[_settings_note(ws, seconds), f"{trials} trials per N; the same random subsets for every "
+                        "method; a subset drawn twice is evaluated once."])
+    return payload
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_fig6(results, ns, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, by_n in results.items():
+        means = [statistics.fmean(by_n[n]) for n in ns]
+        sds = [statistics.pstdev(by_n[n]) if len(by_n[n]) > 1 else 0.0 for n in ns]
+        line, = ax.plot(ns, means, marker="o", label=label)
+        ax.fill_between(ns, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
+                        color=line.get_color(), alpha=0.12)
+        for n in ns:
+            ax.scatter([n] * len(by_n[n]), by_n[n], color=line.get_color(), s=6, alpha=0.4)
+    ax.set_xlabel("number of merged experts N")
+    ax.set_ylabel("mean Rouge-L on the merged tasks")
+    ax.set_xticks(ns)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ================================================================================ Fig. 5
+def run_fig5(setup: PaperSetup, workspace: Workspace | None = None, kinds: Sequence[str] = ("sparse",)) -> dict:
+    """Fig. 5: interference — single-task vs masked-only merged (M_i ⊙ ΔW_m) vs fully merged."""
+    start = time.perf_counter()
+    ws = workspace or Workspace(setup)
+    rows, details = [], {}
+    bars = {}
+    for kind in kinds:
+        experts = ws.ensure_experts(kind, setup.held_in)
+        merged = merge_experts(list(experts.values()), "overlap_average")
+        ws.log(f"fig5: {kind}: fully merged")
+        full = ws.evaluate(merged, held_out=())["held_in"]
+        single, masked = {}, {}
+        for t in setup.held_in:
+            single[t] = ws.expert_info(kind, t)["rouge_l"]
+            masked[t] = ws.evaluate(mask_result(merged, experts[t]), held_in=[t], held_out=())["held_in"][t]
+        s, m, f = (evaluation.mean_score(x) for x in (single, masked, full))
+        details[kind] = {"single": single, "masked": masked, "merged": full}
+        bars[KIND_LABELS[kind]] = (s, m, f)
+        rows.append({"experts": KIND_LABELS[kind], "single task": _r(s), "merged, masked only": _r(m),
+                     "merged": _r(f), "masked drop %": _r(100 * (s - m) / s if s else None),
+                     "additional drop %": _r(100 * (m - f) / s if s else None),
+                     "paper masked drop %": PAPER_FIG5["masked_drop_pct"] if kind == "sparse" else None,
+                     "paper additional drop %": PAPER_FIG5["additional_drop_pct"] if kind == "sparse" else None})
+    png = Path(setup.out_dir) / "fig5.png"
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(bars))
+    names = ["single task", "masked only\n(M_i ⊙ ΔW_m)", "merged\n(ΔW_m)"]
+    for j, (label, vals) in enumerate(bars.items()):
+        xs = [i + j * width for i in range(3)]
+        ax.bar(xs, vals, width=width, label=label)
+        for x, v in zip(xs, vals):
+            ax.text(x, v + 0.5, f"{v:.1f}", ha="center", fontsize=7)
+    top = max([v for vals in bars.values() for v in vals] + [1.0])
+    ax.set_ylim(0, top * 1.15 + 1)
+    ax.set_xticks([i + width * (len(bars) - 1) / 2 for i in range(3)])
+    ax.set_xticklabels(names)
+    ax.set_ylabel(f"mean Rouge-L, {len(setup.held_in)} held-in tasks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    seconds = time.perf_counter() - start
+    payload = {"figure": "fig5", "setup": setup.to_dict(), "details": details, "png": str(png),
+               "seconds": round(seconds, 1)}
+    write_report(setup.out_dir, "fig5", payload, rows, list(rows[0].keys()),
+                 title="Fig. 5: weight interference when merging sparse adapters (Eq. 4)",
+                 notes=[_settings_note(ws, seconds), "Drops are relative to the single-task score "
+                        "(the paper: 20.61% from masked interference, 13.05% more outside the masks)."])
+    return payload
+
+
+# ============================================================================== Table 3
+def run_table3(setup: PaperSetup, workspace: Workspace | None = None) -> dict:
+    """Table 3: sparse adapters with and without layer drop (Eq. 5-6), merged with Eq. 4."""
+    start = time.perf_counter()
+    ws = workspace or Workspace(setup)
+    n_layers = len([n for n, _ in ws.base.named_modules() if n.endswith("qkv_proj")])
+    rows, details = [], {}
+    for kind in ("sparse", "sparse_ld"):
+        experts = ws.ensure_experts(kind, setup.held_in)
+        ws.log(f"table3: merging {kind} experts")
+        scores = ws.evaluate(merge_experts(list(experts.values()), "overlap_average"))
+        active = [ws.expert_info(kind, t).get("active_layers") or n_layers for t in setup.held_in]
+        sd = statistics.pstdev(active) if len(active) > 1 else 0.0
+        details[kind] = {**scores, "active_layers": active}
+        paper = PAPER_TABLE3[kind]
+        rows.append({"method": KIND_LABELS[kind], "held-in": _r(scores["held_in_mean"]),
+                     "held-out": _r(scores["held_out_mean"]),
+                     "active layers": f"{statistics.fmean(active):.2f} ± {sd:.2f} of {n_layers}",
+                     "individual": _r(evaluation.mean_score({t: ws.expert_info(kind, t)["rouge_l"]
+                                                             for t in setup.held_in})),
+                     "paper held-in": paper[0], "paper held-out": paper[1], "paper active layers": f"{paper[2]} of 32"})
+    seconds = time.perf_counter() - start
+    payload = {"table": "table3", "setup": setup.to_dict(), "details": details, "seconds": round(seconds, 1)}
+    write_report(setup.out_dir, "table3", payload, rows, list(rows[0].keys()),
+                 title="Table 3: sparse adapters with active-layer drop (merged with Eq. 4)",
+                 notes=[_settings_note(ws, seconds)])
+    return payload
+
+
+# ============================================================================== Table 4
+def run_table4(setup: PaperSetup, workspace: Workspace | None = None, epochs: Sequence[int] = (1, 5)) -> dict:
+    """Table 4: continued multitask training of the merged sparse weights.
+
+    ST: only the merged sparse entries ΔW_m (the union of the masks) train; FFT: the whole
+    model W + ΔW_m trains. Both on all held-in tasks together, from the Eq. 4 merge.
+    """
+    from sparse_engine.config import SparseAdapterConfig
+    from sparse_engine.experts import DEFAULT_LEARNING_RATES
+    from sparse_engine.model import adapter_layers, attach
+    from sparse_engine.training import TrainingConfig, train_expert
+
+    start = time.perf_counter()
+    ws = workspace or Workspace(setup)
+    experts = ws.ensure_experts("sparse", setup.held_in)
+    merged = merge_experts(list(experts.values()), "overlap_average")
+    rates = dict(DEFAULT_LEARNING_RATES, **setup.learning_rates)
+    examples = [ex for t in setup.held_in for ex in ws.task(t).train]
+    dataset = data.TokenizedDataset(examples, ws.tokenizer, setup.max_length)
+    collate = lambda b: data.collate_causal_lm(b, ws.tokenizer.pad_token_id)  # noqa: E731
+    rows, details = [], {}
+    merged_scores = ws.evaluate(merged)
+    rows.append({"training": "Sparse-Merge (no further training)", "held-in": _r(merged_scores["held_in_mean"]),
+                 "held-out": _r(merged_scores["held_out_mean"]), "paper held-in": None, "paper held-out": None})
+    for variant in ("st", "fft"):
+        for n_epochs in epochs:
+            ws.log(f"table4: {variant}, {n_epochs} epoch(s) of multitask training")
+            model = copy.deepcopy(ws.base)
+            if variant == "st":
+                cfg = SparseAdapterConfig.from_dict(merged.config)
+                attach(model, cfg)
+                layers = adapter_layers(model)
+                for pname, delta in merged.layers.items():
+                    # a copy: load_sparse keeps the tensors it is given, and training updates them
+                    layers[pname[: -len(".weight")]].load_sparse(_clone_delta(delta))
+                lr = rates["sparse"]
+            else:
+                apply_merged(model, merged)
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                lr = rates["full"]
+            config = TrainingConfig(epochs=n_epochs, batch_size=setup.batch_size, learning_rate=lr, seed=setup.seed,
+                                    progress=False)
+            result = train_expert(model, dataset, config, collate_fn=collate)
+            scores = evaluate_held(model, ws.tokenizer, ws.tasks(setup.held_in), ws.tasks(setup.held_out),
+                                   **ws.gen_kwargs)
+            details[f"{variant}-{n_epochs}"] = {**scores, "steps": result.steps, "seconds": result.seconds,
+                                                "trainable_params": result.trainable_params}
+            paper = PAPER_TABLE4.get((variant, n_epochs), (None, None))
+            label = "ST" if variant == "st" else "FFT"
+            rows.append({"training": f"Sparse-Merge + {label} ({n_epochs} epoch{'s' if n_epochs > 1 else ''})",
+                         "held-in": _r(scores["held_in_mean"]), "held-out": _r(scores["held_out_mean"]),
+                         "paper held-in": paper[0], "paper held-out": paper[1]})
+            del model
+    mt = ws.ensure_multitask()
+    paper = PAPER_TABLE4[("multitask", None)]
+    rows.append({"training": f"Multitask ({setup.multitask_epochs} epochs)", "held-in": _r(mt["scores"]["held_in_mean"]),
+                 "held-out": _r(mt["scores"]["held_out_mean"]), "paper held-in": paper[0], "paper held-out": paper[1]})
+    seconds = time.perf_counter() - start
+    payload = {"table": "table4", "setup": setup.to_dict(), "details": details, "merged": merged_scores,
+               "seconds": round(seconds, 1)}
+    write_report(setup.out_dir, "table4", payload, rows, list(rows[0].keys()),
+                 title="Table 4: multitask training continued from the merged sparse weights",
+                 notes=[_settings_note(ws, seconds), f"Experts trained {setup.epochs} epochs each (the paper: 4), "
+                        "then multitask training on all held-in tasks: ST trains only the merged entries "
+                        "(union of masks), FFT the whole model."])
+    return payload
+
+
+def _clone_delta(delta):
+    from sparse_engine.formats import BlockSparseDelta, SparseDelta
+
+    if isinstance(delta, BlockSparseDelta):
+        return BlockSparseDelta(delta.shape, delta.blocks.clone(), delta.block_indices.clone())
+    return SparseDelta(delta.shape, delta.values.clone(), delta.indices.clone())
+
+
+RUNNERS = {"table1": run_table1, "fig6": run_fig6, "fig5": run_fig5, "table3": run_table3, "table4": run_table4}
+
+
+def reproduce(what: str, setup: PaperSetup, **kwargs) -> dict:
+    """Run one analysis (or ``all``) with a shared workspace; returns {name: payload}."""
+    names = list(RUNNERS) if what == "all" else [what]
+    for n in names:
+        if n not in RUNNERS:
+            raise ValueError(f"unknown analysis {what!r}; choose from {list(RUNNERS) + ['all']}")
+    ws = Workspace(setup)
+    return {n: RUNNERS[n](setup, ws, **(kwargs.get(n) or {})) for n in names}
