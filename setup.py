@@ -26,11 +26,12 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
         "accelerate>=0.34",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
         "dev": ["pytest>=7", "triton>=3.0"],
-        "bench": ["triton>=3.0", "matplotlib>=3.7"],
+        "bench": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["sparse-engine=sparse_engine.cli:main"]},
 )
