@@ -134,6 +134,11 @@ def _add_eval_parser(sub) -> None:
                     "examples) on each task's test split. --adapter takes any adapter, expert or merged file; it is "
                     "added to the base weights. Writes results.json and results.md to --out.")
     ev.add_argument("--adapter", default=None, help="adapter / expert / merged file (default: evaluate the base model)")
+    ev.add_argument("--routed", default=None, metavar="DIR",
+                    help="routed experts instead of one model: each held-in request goes to its own expert "
+                         "DIR/<task>-<method>.safetensors, all in mixed batches (built-in tasks)")
+    ev.add_argument("--routed-method", default="sparse", choices=["sparse", "block"],
+                    help="which experts --routed serves (default: %(default)s)")
     ev.add_argument("--model", default=None, help="local base checkpoint (default: the built-in tiny Phi-3)")
     ev.add_argument("--held-in", nargs="*", default=None, help="held-in tasks (default: the 20 built-in held-in tasks)")
     ev.add_argument("--held-out", nargs="*", default=None, help="held-out tasks (default: the 10 built-in held-out tasks)")
@@ -233,6 +238,8 @@ def _cmd_eval(args) -> int:
     else:
         tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=held_in + held_out,
                                max_examples_per_task=args.max_examples_per_task, seed=args.seed)
+    if args.routed is not None:
+        return _routed_eval(args, held_in)
     expert = load_expert(args.adapter) if args.adapter else None
     model, tokenizer = _load_model(args)
     if expert is not None:
@@ -253,6 +260,32 @@ def _cmd_eval(args) -> int:
     analysis.write_report(out, "results", result, rows, ["group", "task", "Rouge-L"],
                           title=f"Rouge-L of {args.adapter or 'the base model'}")
     print(evaluation.markdown_table(rows, ["group", "task", "Rouge-L"]))
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+def _routed_eval(args, held_in) -> int:
+    from sparse_engine import evaluation
+    from sparse_engine.serving import run_routed_eval
+
+    if args.data is not None or args.adapter is not None:
+        raise ValueError("--routed serves the built-in held-in tasks' experts; it takes neither --data nor --adapter")
+    if not Path(args.routed).is_dir():
+        raise FileNotFoundError(f"--routed {args.routed}: no such directory")
+    model, tokenizer = _load_model(args)
+    result = run_routed_eval(args.routed, method=args.routed_method, tasks=held_in or None, n_test=args.n_test,
+                             seed=args.seed, model=model, tokenizer=tokenizer, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens or 16, max_length=args.max_length or 48,
+                             progress=not args.no_progress)
+    rows = [{"task": t, "expert": Path(result["adapters"][t]).name, "Rouge-L": round(v, 2)}
+            for t, v in result["scores"].items()]
+    rows.append({"task": "mean", "expert": f"routed {args.routed_method}", "Rouge-L": round(result["mean"], 2)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation.write_results_json(out / "results.json", result)
+    table = evaluation.markdown_table(rows, ["task", "expert", "Rouge-L"])
+    (out / "results.md").write_text(table + "\n")
+    print(table)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
     return 0
 

@@ -56,6 +56,14 @@ def test_train_on_flan_files_and_a_local_checkpoint(tmp_path, tiny_base_dir):
     assert results["experts"][0]["task"] == "reverse_words"
     assert (out / "adapters" / "reverse_words-sparse.safetensors").exists()
     assert "expert Rouge-L" in (out / "results.md").read_text()
+    # the trained expert served by routing (issue 7's routed evaluation), from the CLI
+    routed = tmp_path / "routed"
+    code = main(["eval", "--routed", str(out / "adapters"), "--model", str(tiny_base_dir), "--held-in",
+                 "reverse_words", "--n-test", "4", "--out", str(routed), "--no-progress"])
+    assert code == 0
+    saved = json.loads((routed / "results.json").read_text())
+    assert list(saved["scores"]) == ["reverse_words"]
+    assert 0.0 <= saved["mean"] <= 100.0
 
 
 def test_console_entry_point_module_runs():
