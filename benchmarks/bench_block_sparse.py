@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 
-from common import append_rows, run_metadata  # benchmarks/common.py (the script's folder)
+from common import append_rows, run_metadata, sm90_compile_check  # benchmarks/common.py (the script's folder)
 
 _DEVICE = "cuda"  # the timed device (a module constant so a CPU dry run of the script's logic can swap it)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,55 +153,13 @@ def run_smoke(args):
 def run_compile_check(args):
     """Compile every autotune config for sm_90 with the installed Triton; no GPU is needed."""
     os.environ.pop("TRITON_INTERPRET", None)
-    import re
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     bsk, _ = _import_kernels()
     if getattr(bsk._triton, "INTERPRET", False):
         print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
         return 1
-    try:
-        import triton.backends.nvidia as nv
-
-        tools = os.path.join(os.path.dirname(nv.__file__), "bin")
-    except ImportError:
-        tools = None
-    target = GPUTarget("cuda", 90, 32)
     dt = {"bf16": "bf16", "fp16": "fp16"}[args.dtype]
     # integer arguments the JIT would specialise as multiples of 16 on the benchmark shapes
     div16 = ("P", "Q", "n_out_blocks", "n_rb")
-
-    def compile_one(kernel, types, consts, cfg):
-        fn = kernel.fn
-        consts = {**consts, **cfg.kwargs}
-        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in div16)}
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-        return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-    def describe(k):
-        smem = k.metadata.shared
-        if tools is None:
-            return f"smem={smem}"
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-            path = f.name
-        try:
-            res = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
-                                 capture_output=True, text=True).stdout
-            sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
-        finally:
-            os.unlink(path)
-        m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.S)
-        regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
-        scalar = len(re.findall(r"LDG\.E\.(?:U16|S16|U8|S8)\b", sass))
-        return (f"regs={regs:>3s} stack={stack} smem={smem:>6d} HGMMA={sass.count('HGMMA'):>2d} "
-                f"HMMA={sass.count('HMMA'):>2d} LDGSTS={sass.count('LDGSTS'):>3d} scalarLDG={scalar}")
 
     ptr = f"*{dt}"
     jobs = []
@@ -225,17 +182,7 @@ def run_compile_check(args):
                          {"a_ptr": ptr, "w_ptr": ptr, "blk_ptr": "*fp32", "slot_ptr": "*i32", "bias_ptr": ptr,
                           "c_ptr": ptr},
                          dict(B=16, HAS_BIAS=True, IEEE=False, UPCAST=False, stride_aq=1, stride_cp=1, **extra), cfg))
-    print(f"compile-check: triton {triton.__version__}, target sm_90, {args.dtype}; {len(jobs)} kernels")
-    failures = 0
-    for label, kernel, types, consts, cfg in jobs:
-        try:
-            k = compile_one(kernel, types, consts, cfg)
-            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  {describe(k)}")
-        except Exception as exc:  # noqa: BLE001 - report and go on
-            failures += 1
-            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  FAILED: {type(exc).__name__}: {str(exc)[:200]}")
-    print(f"compile-check: {failures} failures; nothing recorded")
-    return 1 if failures else 0
+    return sm90_compile_check(jobs, div16)
 
 
 # ------------------------------------------------------------------------ GPU bench

@@ -41,7 +41,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import append_rows, run_metadata
+from common import append_rows, run_metadata, sm90_compile_check
 
 IMPLS = ("base", "merged", "ours", "peft", "loop")
 GOALS = (  # (level, phase, metric, impl, minimum) at 64 distinct block adapters, keep 0.1 (issue 7)
@@ -657,55 +657,12 @@ def check_model_agreement(torch, args, device, dtype):
 def run_compile_check(args):
     """Compile every config of the multi-adapter kernels for sm_90 with the installed Triton."""
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
     from sparse_engine.kernels import _triton
     from sparse_engine.kernels import multi_adapter as ma
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if _triton.INTERPRET:
         print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
         return 1
-    target = GPUTarget("cuda", 90, 32)
-    try:
-        import triton.backends.nvidia as nv
-
-        tools = os.path.join(os.path.dirname(nv.__file__), "bin")
-    except ImportError:
-        tools = None
-
-    def describe(k):
-        import re
-        import subprocess
-        import tempfile
-
-        smem = k.metadata.shared
-        if tools is None:
-            return f"smem={smem}"
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-            path = f.name
-        try:
-            res = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
-                                 capture_output=True, text=True).stdout
-            sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True,
-                                  text=True).stdout
-        finally:
-            os.unlink(path)
-        m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.DOTALL)
-        regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
-        return (f"regs={regs:>3s} stack={stack} smem={smem:>6d} HGMMA={sass.count('HGMMA'):>2d} "
-                f"HMMA={sass.count('HMMA'):>2d} LDGSTS={sass.count('LDGSTS'):>3d} LDG={sass.count('LDG.E'):>3d}")
-
-    def compile_one(kernel, types, consts, cfg):
-        fn = kernel.fn
-        consts = {**consts, **cfg.kwargs}
-        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in consts and (sig[n].startswith("*") or n in ("stride_xm", "stride_om", "stride_rp"))}
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-        return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
     jobs = []
     for bm in (16, 32, 64, 128):
         for cfg in ma._multi_block_kernel.configs:
@@ -720,17 +677,7 @@ def run_compile_check(args):
                          {"x_ptr": "*bf16", "out_ptr": "*bf16", "tok_ptr": "*i32", "tile_ptr": "*i32",
                           "row_ptr_ptr": "*i32", "cols_ptr": "*i16", "val_ptr": "*bf16"},
                          dict(BLOCK_M=bm, UPCAST=False, stride_xk=1, stride_on=1), cfg))
-    print(f"compile-check: triton {triton.__version__}, target sm_90, bf16; {len(jobs)} kernels")
-    failures = 0
-    for label, kernel, types, consts, cfg in jobs:
-        try:
-            k = compile_one(kernel, types, consts, cfg)
-            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  {describe(k)}")
-        except Exception as exc:  # noqa: BLE001 - report and go on
-            failures += 1
-            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  FAILED: {type(exc).__name__}: {str(exc)[:300]}")
-    print(f"compile-check: {failures} failures; nothing recorded")
-    return 1 if failures else 0
+    return sm90_compile_check(jobs)
 
 
 # --------------------------------------------------------------------------- main

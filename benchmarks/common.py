@@ -52,3 +52,70 @@ def append_rows(path: str, rows: list[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"appended {len(rows)} rows to {path}")
+
+
+def sm90_compile_check(jobs, divisible16=()) -> int:
+    """Compile Triton kernels for sm_90 with the installed Triton (no GPU needed) and print
+    each one's resources (registers, spill stack, shared memory, tensor-core / async-copy
+    instruction counts when the CUDA tools shipped with Triton are present).
+
+    ``jobs``: ``(label, kernel, arg types, constexprs, autotune config)``. Pointer arguments,
+    ``stride*`` arguments and the names in ``divisible16`` are hinted as multiples of 16, as
+    the JIT would specialise them on the benchmark shapes. Returns 1 if any compile failed.
+    """
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        import triton.backends.nvidia as nv
+
+        tools = os.path.join(os.path.dirname(nv.__file__), "bin")
+    except ImportError:
+        tools = None
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_one(kernel, types, consts, cfg):
+        fn = kernel.fn
+        consts = {**consts, **cfg.kwargs}
+        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in divisible16)}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+        return triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+    def describe(k):
+        smem = k.metadata.shared
+        if tools is None:
+            return f"smem={smem}"
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+            path = f.name
+        try:
+            res = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                                 capture_output=True, text=True).stdout
+            sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True,
+                                  text=True).stdout
+        finally:
+            os.unlink(path)
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.S)
+        regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
+        scalar = len(re.findall(r"LDG\.E\.(?:U16|S16|U8|S8)\b", sass))
+        return (f"regs={regs:>3s} stack={stack} smem={smem:>6d} HGMMA={sass.count('HGMMA'):>2d} "
+                f"HMMA={sass.count('HMMA'):>2d} LDGSTS={sass.count('LDGSTS'):>3d} LDG={sass.count('LDG.E'):>3d} "
+                f"scalarLDG={scalar}")
+
+    print(f"compile-check: triton {triton.__version__}, target sm_90; {len(jobs)} kernels")
+    failures = 0
+    for label, kernel, types, consts, cfg in jobs:
+        try:
+            k = compile_one(kernel, types, consts, cfg)
+            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  {describe(k)}")
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            failures += 1
+            print(f"{label:28s} w{cfg.num_warps} s{cfg.num_stages}  FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    print(f"compile-check: {failures} failures; nothing recorded")
+    return 1 if failures else 0
