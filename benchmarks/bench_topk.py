@@ -39,7 +39,7 @@ import argparse
 import os
 import sys
 
-from common import append_rows, run_metadata  # benchmarks/common.py (the script's folder)
+from common import append_rows, run_metadata, sm90_compile_check  # benchmarks/common.py (the script's folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "topk.jsonl")
@@ -66,6 +66,9 @@ def _parse(argv=None):
     p.add_argument("--out", default=RESULTS, help="JSON-lines file to append to")
     p.add_argument("--smoke", action="store_true",
                    help="small correctness run (CPU: Triton interpreter); measures and records nothing")
+    p.add_argument("--compile-check", action="store_true",
+                   help="compile every kernel of the selection for sm_90 with the installed Triton (no GPU needed); "
+                        "print resources; records nothing")
     return p.parse_args(argv)
 
 
@@ -78,6 +81,69 @@ def _import_kernels():
         from kernels import reference as ref
         from kernels import topk_mask as tk
     return tk, ref
+
+
+# ----------------------------------------------------------------------- compile check
+
+
+def run_compile_check(layers: int) -> int:
+    """Compile each selection kernel for sm_90, for every input kind the benchmark feeds it."""
+    import triton
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    tk, _ = _import_kernels()
+    if sys.modules[tk.__package__ + "._triton"].INTERPRET:
+        print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
+        return 1
+    cfg = tk.DEFAULT_CONFIG
+    maxl = max(2, tk._pow2(layers))
+    common = dict(MAXL=maxl, NF=tk._NF)
+    i64, i32 = "*i64", "*i32"
+    # (label, KIND, ADT, BDT, K16, a/b pointer types): what the benchmark's sources hand over
+    inputs = [("fp32 scores", 0, 0, 0, False, "*fp32", "*fp32"),
+              ("bf16 scores", 0, 2, 2, True, "*i16", "*i16"),
+              ("fp32 W,G mcs", 1, 0, 0, False, "*fp32", "*fp32"),
+              ("bf16 W,G mcs", 1, 2, 2, False, "*i16", "*i16")]
+    jobs = []
+
+    def job(label, kernel, types, consts, warps):
+        jobs.append((label, kernel, types, consts, triton.Config({}, num_warps=warps, num_stages=1)))
+
+    for name, kind, adt, bdt, k16, at, bt in inputs:
+        src = dict(KIND=kind, ADT=adt, BDT=bdt, AAL=16, BAL=16)  # separate allocations: aligned offsets
+        kdt = "*i16" if k16 else i32
+        ab = {"a_ptr": at, "b_ptr": bt, "meta_ptr": i64}
+        job(f"sample   {name}", tk._sample_kernel, {**ab, "keys_ptr": kdt},
+            dict(SC=cfg.sample_chunk, CPP=cfg.chunks_per_program, K16=k16, **common, **src), 4)
+        job(f"bracket  {name}", tk._bracket_kernel,
+            {**ab, "gs_ptr": i64, "gc_ptr": i64, "blk_gt_ptr": i32, "blk_cnt_ptr": i32, "blk_run_ptr": i32,
+             "cand_ptr": kdt}, dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, **common, **src), cfg.num_warps)
+        job(f"fullhist {name}", tk._full_hist_kernel,
+            {**ab, "gs_ptr": i64, "ts_ptr": i64, "hist_ptr": i32},
+            dict(SHIFT=24, NB=tk._NB, BLOCK=cfg.block, GF=tk._GF, K16=k16, **common, **src), cfg.num_warps)
+        job(f"write    {name}", tk._write_kernel,
+            {**ab, "gs_ptr": i64, "blk_gt_ptr": i32, "blk_take_ptr": i32, "blk_off_ptr": i32, "out_ptr": i32},
+            dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, **common, **src), cfg.num_warps)
+        if not k16:
+            job(f"tiles    {name}", tk._tile_kernel, {**ab, "out_ptr": "*fp32"},
+                dict(TT=cfg.tiles_per_program, BS=16, BP=16, **common, **src), 4)
+    for k16 in (False, True):
+        kdt = "*i16" if k16 else i32
+        kn = "16-bit keys" if k16 else "32-bit keys"
+        job(f"bufhist  {kn}", tk._buf_hist_kernel, {"keys_ptr": kdt, "seg_ptr": i64, "ts_ptr": i64, "hist_ptr": i32},
+            dict(NT=2, SHIFT=24, CH=cfg.buf_chunk, NB=tk._NB, K16=k16), 4)
+        job(f"count    {kn}", tk._count_kernel,
+            {"meta_ptr": i64, "gs_ptr": i64, "blk_gt_ptr": i32, "blk_cnt_ptr": i32, "blk_run_ptr": i32,
+             "cand_ptr": kdt, "ltot_ptr": i64}, dict(RUNCH=cfg.run_chunk, GF=tk._GF, K16=k16, **common), 4)
+    for first, last in ((True, False), (False, True)):
+        job(f"select   first={first} last={last}", tk._select_kernel, {"hist_ptr": i32, "ts_ptr": i64},
+            dict(SHIFT=0 if last else 24, NB=tk._NB, FIRST=first, LAST=last), 1)
+    for glob in (False, True):
+        job(f"scan     global={glob}", tk._scan_kernel,
+            {"meta_ptr": i64, "gs_ptr": i64, "ltot_ptr": i64, "blk_gt_ptr": i32, "blk_cnt_ptr": i32,
+             "blk_take_ptr": i32, "blk_off_ptr": i32, "lout_ptr": i64},
+            dict(GLOBAL=glob, CH=cfg.scan_chunk, GF=tk._GF, **common), 4)
+    return sm90_compile_check(jobs)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -191,6 +257,8 @@ def _smoke(tk, ref, torch):
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.compile_check:
+        return run_compile_check(args.layers)
     import torch
 
     if not torch.cuda.is_available():

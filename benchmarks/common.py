@@ -69,6 +69,7 @@ def sm90_compile_check(jobs, divisible16=()) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
     try:
         import triton.backends.nvidia as nv
@@ -79,7 +80,7 @@ def sm90_compile_check(jobs, divisible16=()) -> int:
     target = GPUTarget("cuda", 90, 32)
 
     def compile_one(kernel, types, consts, cfg):
-        fn = kernel.fn
+        fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # a JITFunction, or an Autotuner around one
         consts = {**consts, **cfg.kwargs}
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
@@ -104,9 +105,10 @@ def sm90_compile_check(jobs, divisible16=()) -> int:
         m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.S)
         regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
         scalar = len(re.findall(r"LDG\.E\.(?:U16|S16|U8|S8)\b", sass))
+        vector = len(re.findall(r"LDG\.E\.(?:64|128)\b", sass))
         return (f"regs={regs:>3s} stack={stack} smem={smem:>6d} HGMMA={sass.count('HGMMA'):>2d} "
                 f"HMMA={sass.count('HMMA'):>2d} LDGSTS={sass.count('LDGSTS'):>3d} LDG={sass.count('LDG.E'):>3d} "
-                f"scalarLDG={scalar}")
+                f"vecLDG={vector:>3d} scalarLDG={scalar}")
 
     print(f"compile-check: triton {triton.__version__}, target sm_90; {len(jobs)} kernels")
     failures = 0

@@ -136,27 +136,38 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _load_f32(ptr, offs, mask, DT: tl.constexpr):
+    def _load(ptr, offs, mask, other, MASKED: tl.constexpr):
+        # MASKED=False for blocks known to lie inside their layer: a mask that depends on the
+        # layer's size (a runtime value) would keep the loads from vectorising
+        if MASKED:
+            v = tl.load(ptr + offs, mask=mask, other=other)
+        else:
+            v = tl.load(ptr + offs)
+        return v
+
+    @triton.jit
+    def _load_f32(ptr, offs, mask, DT: tl.constexpr, MASKED: tl.constexpr):
         if DT == 2:  # bf16 passed as an int16 view: widen exactly by a bit shift
-            raw = tl.load(ptr + offs, mask=mask, other=0)
+            raw = _load(ptr, offs, mask, 0, MASKED)
             bits = raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
             val = bits.to(tl.float32, bitcast=True)
         else:
-            val = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            val = _load(ptr, offs, mask, 0.0, MASKED).to(tl.float32)
         return val
 
     @triton.jit
-    def _score(a_ptr, b_ptr, a_offs, b_offs, mask, KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr):
+    def _score(a_ptr, b_ptr, a_offs, b_offs, mask, KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr,
+               MASKED: tl.constexpr = True):
         if KIND == 0:
-            s = _load_f32(a_ptr, a_offs, mask, ADT)
+            s = _load_f32(a_ptr, a_offs, mask, ADT, MASKED)
         elif KIND == 1:
-            s = _load_f32(a_ptr, a_offs, mask, ADT) * _load_f32(b_ptr, b_offs, mask, BDT)
+            s = _load_f32(a_ptr, a_offs, mask, ADT, MASKED) * _load_f32(b_ptr, b_offs, mask, BDT, MASKED)
         elif KIND == 2:
-            s = tl.abs(_load_f32(a_ptr, a_offs, mask, ADT) * _load_f32(b_ptr, b_offs, mask, BDT))
+            s = tl.abs(_load_f32(a_ptr, a_offs, mask, ADT, MASKED) * _load_f32(b_ptr, b_offs, mask, BDT, MASKED))
         elif KIND == 3:
-            s = tl.abs(_load_f32(b_ptr, b_offs, mask, BDT))
+            s = tl.abs(_load_f32(b_ptr, b_offs, mask, BDT, MASKED))
         else:
-            s = tl.abs(_load_f32(a_ptr, a_offs, mask, ADT))
+            s = tl.abs(_load_f32(a_ptr, a_offs, mask, ADT, MASKED))
         return s
 
     @triton.jit
@@ -165,32 +176,34 @@ if HAS_TRITON:
         bits = s.to(tl.uint32, bitcast=True)
         bits = tl.where(s == 0.0, tl.zeros_like(bits), bits)  # -0.0 -> +0.0
         neg = (bits & 0x80000000) != 0
-        key = tl.where(neg, ~bits, bits | 0x80000000)
+        # xor with an explicit all-ones constant, not `~`: triton 3.6's interpreter lowers `~` on
+        # unsigned tensors to `^ -1`, which numpy 2 refuses for uint32
+        key = tl.where(neg, bits ^ 0xFFFFFFFF, bits | 0x80000000)
         valid = mask & (s == s)
         key = tl.where(valid, key, tl.zeros_like(key))
         return key, valid
 
     @triton.jit
     def _unit_keys(a_ptr, b_ptr, a_offs, b_offs, mask, KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr,
-                   K16: tl.constexpr):
+                   K16: tl.constexpr, MASKED: tl.constexpr = True):
         """Keys of the units at the offsets. K16 (fp16/bf16 scores): the input's own 16-bit order
         key in the top half (same order and ties as comparing the values in fp32)."""
         if K16:
             if ADT == 2:  # bf16 as int16
-                raw = tl.load(a_ptr + a_offs, mask=mask, other=0)
+                raw = _load(a_ptr, a_offs, mask, 0, MASKED)
                 b = raw.to(tl.uint16, bitcast=True).to(tl.uint32)
                 val = (b << 16).to(tl.float32, bitcast=True)
             else:  # fp16
-                h = tl.load(a_ptr + a_offs, mask=mask, other=0.0)
+                h = _load(a_ptr, a_offs, mask, 0.0, MASKED)
                 b = h.to(tl.int16, bitcast=True).to(tl.uint16, bitcast=True).to(tl.uint32)
                 val = h.to(tl.float32)
             b = tl.where(val == 0.0, tl.zeros_like(b), b)  # -0.0 -> +0.0
             neg = (b & 0x8000) != 0
-            k16 = tl.where(neg, (~b) & 0xFFFF, b | 0x8000)
+            k16 = tl.where(neg, b ^ 0xFFFF, b | 0x8000)  # b < 2**16: flips the 16 bits
             valid = mask & (val == val)
             key = tl.where(valid, k16 << 16, tl.zeros_like(k16))
         else:
-            s = _score(a_ptr, b_ptr, a_offs, b_offs, mask, KIND, ADT, BDT)
+            s = _score(a_ptr, b_ptr, a_offs, b_offs, mask, KIND, ADT, BDT, MASKED)
             key, valid = _to_key(s, mask)
         return key, valid
 
@@ -220,20 +233,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _block_keys(a_ptr, b_ptr, meta_ptr, l, pid, BLOCK: tl.constexpr, NF: tl.constexpr,
-                    KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr):
+                    KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
+                    AAL: tl.constexpr, BAL: tl.constexpr):
         n = tl.load(meta_ptr + l * NF + 2)
         j = pid - tl.load(meta_ptr + l * NF + 3)
         idx = j * BLOCK + tl.arange(0, BLOCK)
         m = idx < n
-        aoff = tl.load(meta_ptr + l * NF + 0)
-        boff = tl.load(meta_ptr + l * NF + 1)
-        key, valid = _unit_keys(a_ptr, b_ptr, aoff + idx, boff + idx, m, KIND, ADT, BDT, K16)
+        # AAL / BAL: a power of two dividing every layer's element offset (the launcher checks);
+        # the hint lets the loads of a block vectorise to 16 bytes, as the offsets come from a table
+        aoff = tl.multiple_of(tl.load(meta_ptr + l * NF + 0), AAL)
+        boff = tl.multiple_of(tl.load(meta_ptr + l * NF + 1), BAL)
+        if (j + 1) * BLOCK <= n:
+            key, valid = _unit_keys(a_ptr, b_ptr, aoff + idx, boff + idx, m, KIND, ADT, BDT, K16, False)
+        else:  # the layer's last, partial block
+            key, valid = _unit_keys(a_ptr, b_ptr, aoff + idx, boff + idx, m, KIND, ADT, BDT, K16, True)
         return idx, key, valid
 
     @triton.jit
     def _sample_kernel(a_ptr, b_ptr, meta_ptr, L, n_chunks, keys_ptr,
                        SC: tl.constexpr, CPP: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr,
-                       KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr):
+                       KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
+                    AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         cid = pid * CPP + tl.arange(0, CPP)
         cm = cid < n_chunks
@@ -285,12 +305,13 @@ if HAS_TRITON:
     def _full_hist_kernel(a_ptr, b_ptr, meta_ptr, L, gs_ptr, ts_ptr, hist_ptr,
                           SHIFT: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, MAXL: tl.constexpr,
                           NF: tl.constexpr, GF: tl.constexpr,
-                          KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr):
+                          KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
+                    AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         lay = _find_layer(meta_ptr, 3, L, pid, MAXL, NF)
         g = tl.load(meta_ptr + lay * NF + 7)
         if tl.load(gs_ptr + g * GF + 4) != 0:
-            idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16)
+            idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16, AAL, BAL)
             pv = tl.load(ts_ptr + g * 4 + 0).to(tl.uint32)
             pm = tl.load(ts_ptr + g * 4 + 1).to(tl.uint32)
             match = valid & ((key & pm) == pv)
@@ -330,12 +351,13 @@ if HAS_TRITON:
     @triton.jit
     def _bracket_kernel(a_ptr, b_ptr, meta_ptr, L, gs_ptr, gc_ptr, blk_gt_ptr, blk_cnt_ptr, blk_run_ptr, cand_ptr,
                         BLOCK: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr, GF: tl.constexpr,
-                        KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr):
+                        KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
+                    AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         lay = _find_layer(meta_ptr, 3, L, pid, MAXL, NF)
         g = tl.load(meta_ptr + lay * NF + 7)
         if tl.load(gs_ptr + g * GF + 4) != 0:
-            idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16)
+            idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16, AAL, BAL)
             lo = tl.load(gs_ptr + g * GF + 0).to(tl.uint32)
             hi = tl.load(gs_ptr + g * GF + 1).to(tl.uint32)
             above = valid & (key > hi)
@@ -423,13 +445,14 @@ if HAS_TRITON:
     @triton.jit
     def _write_kernel(a_ptr, b_ptr, meta_ptr, L, gs_ptr, blk_gt_ptr, blk_take_ptr, blk_off_ptr, out_ptr,
                       BLOCK: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr, GF: tl.constexpr,
-                      KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr):
+                      KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
+                    AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         take = tl.load(blk_take_ptr + pid)
         if tl.load(blk_gt_ptr + pid) + take > 0:
             lay = _find_layer(meta_ptr, 3, L, pid, MAXL, NF)
             g = tl.load(meta_ptr + lay * NF + 7)
-            idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16)
+            idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16, AAL, BAL)
             thr = tl.load(gs_ptr + g * GF + 5).to(tl.uint32)
             eqm = (valid & (key == thr)).to(tl.int32)
             tie_rank = tl.cumsum(eqm, axis=0) - eqm
@@ -441,7 +464,7 @@ if HAS_TRITON:
     @triton.jit
     def _tile_kernel(a_ptr, b_ptr, meta_ptr, L, out_ptr,
                      TT: tl.constexpr, BS: tl.constexpr, BP: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr,
-                     KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr):
+                     KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, AAL: tl.constexpr, BAL: tl.constexpr):
         """Per-tile sums of the on-the-fly score: TT tiles (flat tile ids) per program."""
         pid = tl.program_id(0)
         lay = _find_layer(meta_ptr, 3, L, pid, MAXL, NF)
@@ -449,7 +472,7 @@ if HAS_TRITON:
         j = pid - tl.load(meta_ptr + lay * NF + 3)
         t = j * TT + tl.arange(0, TT)
         tm = t < n_tiles
-        ncol = tl.load(meta_ptr + lay * NF + 9)
+        ncol = tl.multiple_of(tl.load(meta_ptr + lay * NF + 9), BS)  # block mode: d_in % BS == 0
         nbc = tl.load(meta_ptr + lay * NF + 10)
         rb = t // nbc
         cb = t % nbc
@@ -459,8 +482,8 @@ if HAS_TRITON:
         cols = cb[:, None, None] * BS + c[None, None, :]
         m = tm[:, None, None] & (r < BS)[None, :, None] & (c < BS)[None, None, :]
         offs = rows * ncol + cols
-        aoff = tl.load(meta_ptr + lay * NF + 0)
-        boff = tl.load(meta_ptr + lay * NF + 1)
+        aoff = tl.multiple_of(tl.load(meta_ptr + lay * NF + 0), AAL)
+        boff = tl.multiple_of(tl.load(meta_ptr + lay * NF + 1), BAL)
         s = _score(a_ptr, b_ptr, aoff + offs, boff + offs, m, KIND, ADT, BDT)
         s = tl.where(m, s, 0.0)
         tsum = tl.sum(tl.sum(s, axis=2), axis=1)
@@ -527,6 +550,15 @@ def _elem_offsets(base: torch.Tensor, tensors) -> list[int]:
     return offs
 
 
+def _offset_alignment(offsets) -> int:
+    """The largest power of two, at most 16, dividing every element offset (a compiler hint)."""
+    align = 16
+    for off in offsets:
+        while off % align:
+            align //= 2
+    return align
+
+
 def _check_device(tensors) -> torch.device:
     dev = tensors[0].device
     for t in tensors:
@@ -556,6 +588,8 @@ class _Source:
         self.b_base = next((t for t in b_list if t.numel()), b_list[0])
         self.a_offs = _elem_offsets(self.a_base, a_list)
         self.b_offs = _elem_offsets(self.b_base, b_list)
+        self.a_align = _offset_alignment(self.a_offs)
+        self.b_align = _offset_alignment(self.b_offs)
 
 
 def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool, cfg: TopkConfig,
@@ -645,7 +679,7 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
     cand_size = cbase
 
     a_base, b_base = src.a_base, src.b_base
-    kw = dict(KIND=src.kind, ADT=src.adt, BDT=src.bdt, K16=src.k16)
+    kw = dict(KIND=src.kind, ADT=src.adt, BDT=src.bdt, K16=src.k16, AAL=src.a_align, BAL=src.b_align)
     kdt = torch.int16 if src.k16 else torch.int32
     shifts = src.shifts
     meta_d = _to_dev(meta, device)
@@ -952,7 +986,7 @@ def _tile_scores(src: _Source, shapes, block_size: int, cfg: TopkConfig, device)
     if blk:
         _tile_kernel[(blk,)](src.a_base, src.b_base, _to_dev(meta, device), L, buf, TT=TT, BS=block_size,
                              BP=_pow2(block_size), MAXL=max(2, _pow2(L)), NF=_NF, KIND=src.kind,
-                             ADT=src.adt, BDT=src.bdt, num_warps=4)
+                             ADT=src.adt, BDT=src.bdt, AAL=src.a_align, BAL=src.b_align, num_warps=4)
     out, start = [], 0
     for (r, c), n in zip(shapes, n_tiles):
         out.append(buf[start:start + n].view(r // block_size, c // block_size))

@@ -285,6 +285,27 @@ def test_fused_block_nan_tile_never_selected():
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_offset_alignment_hint_is_a_true_divisor():
+    """The kernels promise the compiler that every layer offset is a multiple of this value."""
+    assert tk._offset_alignment([0, 128, 4096]) == 16
+    assert tk._offset_alignment([0, 24]) == 8
+    assert tk._offset_alignment([0, 6, 16]) == 2
+    assert tk._offset_alignment([0, 3]) == 1
+    assert tk._offset_alignment([0]) == 16
+
+
+def test_layers_at_unaligned_offsets_of_one_buffer():
+    """Views into one storage at odd element offsets (no 16-byte alignment) select correctly."""
+    buf = torch.randn(5 + 1100 + 3 + 700, device=DEV)
+    layers = [buf[5:1105].view(20, 55), buf[1108:1808].view(35, 20)]
+    src = tk._score_source(layers)[0]
+    assert src.a_align == 1
+    cfg = tk.with_config(block=256, full_sample_max=0, sample_chunk=8, sample_every=4, chunks_per_program=8,
+                         buf_chunk=512, scan_chunk=4, run_chunk=16, cap_frac=1.0)
+    ks = [110, 349]
+    _same(tk.topk_per_layer(layers, ks, config=cfg), ref.topk_per_layer(layers, ks), "unaligned views")
+
+
 def test_bad_inputs():
     x = [torch.randn(4, 4, device=DEV), torch.randn(2, 3, device=DEV)]
     with pytest.raises(ValueError, match="k"):
