@@ -16,15 +16,17 @@ score (and its tile sums), as a PyTorch implementation has to. Times are
 ``triton.testing.do_bench`` medians. Bandwidth is reported for the bytes that must move (every
 input byte read once, every output index written once) against the measured device-to-device
 copy bandwidth (bytes read + written by a large ``copy_``); for ours, ``ours_traffic_gbps``
-also counts the passes the chosen path really makes (the common path reads element inputs
-twice: the bracket pass and the write pass, so its "bytes that must move" figure is at most
-about half the read bandwidth by construction). Peak extra memory is ``max_memory_allocated``
+also counts the passes the chosen path really makes (with 32-bit keys the common path reads
+element inputs once: the bracket pass writes one bit per unit and the write pass works from
+those bits and the candidates; 16-bit keys, groups resolved exactly from their sample, and
+fallbacks read the input again in the write pass). Peak extra memory is ``max_memory_allocated``
 during one call minus what was allocated before it; ``ours_extra_frac`` excludes the returned
 indices themselves (4 bytes per kept entry) and is relative to the input bytes.
 
 Two numbers (H100 SXM, datasheet 3.35 TB/s; use the measured copy figure): 32 fp32 score
-layers are 3.62 GB, so one read costs about 1.1-1.3 ms and the common path (two reads plus
-a ~3% sample, plus 4 bytes per kept index written) about 2.5-3 ms; there is no arithmetic
+layers are 3.62 GB, so one read costs about 1.1-1.3 ms and the common path (one read, a
+~1% sample, 1/16 of the input's bytes of bits written and read back, 4 bytes per kept index
+written) about 1.3-1.6 ms; there is no arithmetic
 worth counting. bf16 halves the input bytes; the fused sources read Ŵ and G (twice the bytes
 of the score); the block sources reduce to 1/256 as many tile keys after the first pass.
 
@@ -115,15 +117,19 @@ def run_compile_check(layers: int) -> int:
         ab = {"a_ptr": at, "b_ptr": bt, "meta_ptr": i64}
         job(f"sample   {name}", tk._sample_kernel, {**ab, "keys_ptr": kdt},
             dict(SC=cfg.sample_chunk, CPP=cfg.chunks_per_program, K16=k16, **common, **src), 4)
+        bits = 0 if k16 else 1  # the single-read path is for 32-bit keys
         job(f"bracket  {name}", tk._bracket_kernel,
             {**ab, "gs_ptr": i64, "gc_ptr": i64, "blk_gt_ptr": i32, "blk_cnt_ptr": i32, "blk_run_ptr": i32,
-             "cand_ptr": kdt}, dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, **common, **src), cfg.num_warps)
+             "cand_ptr": kdt, "blk_nin_ptr": i32, "cpos_ptr": "*i16", "bits_ptr": i32},
+            dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, BITS=bits, **common, **src), cfg.num_warps)
         job(f"fullhist {name}", tk._full_hist_kernel,
             {**ab, "gs_ptr": i64, "ts_ptr": i64, "hist_ptr": i32},
             dict(SHIFT=24, NB=tk._NB, BLOCK=cfg.block, GF=tk._GF, K16=k16, **common, **src), cfg.num_warps)
         job(f"write    {name}", tk._write_kernel,
-            {**ab, "gs_ptr": i64, "blk_gt_ptr": i32, "blk_take_ptr": i32, "blk_off_ptr": i32, "out_ptr": i32},
-            dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, **common, **src), cfg.num_warps)
+            {**ab, "gs_ptr": i64, "blk_gt_ptr": i32, "blk_take_ptr": i32, "blk_off_ptr": i32, "out_ptr": i32,
+             "blk_run_ptr": i32, "blk_nin_ptr": i32, "cand_ptr": kdt, "cpos_ptr": "*i16", "bits_ptr": i32},
+            dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, BITS=bits, **common, **src),
+            cfg.num_warps)
         if not k16:
             job(f"tiles    {name}", tk._tile_kernel, {**ab, "out_ptr": "*fp32"},
                 dict(TT=cfg.tiles_per_program, BS=16, BP=16, **common, **src), 4)
@@ -348,8 +354,13 @@ def main(argv=None) -> int:
                         row["ours_extra_frac"] = round(row["ours_scratch_bytes"] / in_bytes, 4)
                         path = row.get("path")
                         if path and src in ("scores", "fused"):
-                            reads = 2 + (5 if path.get("fallback") else 1 if path.get("recount") else 0)
-                            traffic = reads * in_bytes + out_bytes
+                            # the write pass reads the input again unless every sampled group went
+                            # through the single-read path (bits: written once, read once, 1 bit/unit)
+                            single = bool(path.get("single_read")) and path.get("single_read") == path.get(
+                                "candidates") and not path.get("exact_bracket")
+                            reads = (1 if single else 2) + (5 if path.get("fallback") else 1 if path.get("recount")
+                                                            else 0)
+                            traffic = reads * in_bytes + out_bytes + (2 * sum(units) // 8 if single else 0)
                             row["ours_traffic_gbps"] = round(traffic / (row["ours_ms"] * 1e-3) / 1e9, 1)
                         if "topk_ms" in row:
                             row["speedup_vs_topk"] = round(row["topk_ms"] / row["ours_ms"], 2)

@@ -30,15 +30,18 @@ one grid, so each pass below is a single launch over all layers (a program finds
 by comparing its id with the small per-layer table of first block ids).
 
 1. *Sample* (one launch): keys of small chunks at hashed, evenly spread positions (1/128
-   of the units by default, at least ``min_sample`` per group; the whole layer when it has
-   at most ``full_sample_max`` units) are gathered into a compact buffer.
+   of the units by default, at least ``min_sample`` per group and at least what keeps the
+   expected bracket within 80% of the candidate capacity; the whole layer when it has at
+   most ``full_sample_max`` units) are gathered into a compact buffer.
 2. *Sample radix select* (histogram + select launch per 8-bit digit: 4 digits, 2 for
    16-bit keys; two target ranks per group): the sample keys at ranks
-   ``k·m/n ∓ (6 sd + 0.1% m)`` give a bracket ``[lo, hi]`` that holds the k-th largest key
+   ``k·m/n ∓ (4.5 sd + 0.05% m)`` give a bracket ``[lo, hi]`` that holds the k-th largest key
    with high probability. A fully sampled group gets ``lo == hi ==`` the exact threshold.
-3. *Bracket pass* (one launch, first read of the input): per block, counts of keys ``> hi``,
-   keys in ``[lo, hi]`` and valid keys; the in-bracket keys are compacted into a
-   per-group candidate buffer (a run per block, reserved with one atomic per block).
+3. *Bracket pass* (one launch, the one full read of the input): per block, counts of keys
+   ``> hi``, keys in ``[lo, hi]`` and valid keys; the in-bracket keys are compacted into a
+   per-group candidate buffer (a run per block, reserved with one atomic per block). With
+   32-bit keys (*single read*) it also writes one bit per unit (``key > hi``, 32 units per
+   int32 word) and each candidate's in-block position (int16).
    Host sync 1 checks, per group, that the bracket holds the k-th key (``n_above < k <=
    n_above + n_in``) and that the candidates fit.
 4. *Candidate radix select* (small launches over the candidate buffer): the exact threshold
@@ -52,16 +55,24 @@ by comparing its id with the small per-layer table of first block ids).
    the selected counts) and per-block tie quotas (exclusive scan of the tie counts, in
    layer order for global mode): "the first (k - n_above) ties by flat index", exactly
    and deterministically (atomics only ever add counts).
-7. *Write* (one launch, second read of the input): each block keeps ``key > T`` plus its
-   first ``take`` ties (in-block exclusive cumsum) and writes their indices at its offset.
+7. *Write* (one launch): each block keeps ``key > T`` plus its first ``take`` ties (in-block
+   exclusive cumsum) and writes their indices at its offset. Single read (groups whose
+   threshold came from their candidates): the block's bits, with the bits of its selected
+   candidates (``> T``, or the first ``take`` ties in run order = index order) added, are
+   the selection; the input is not read again. Otherwise (16-bit keys, groups resolved
+   exactly by their sample, fallbacks) the block's keys are read a second time.
    Host sync 2 reads the per-layer output offsets.
 
-So the common case reads the input twice (plus the sample), in about 20 Triton launches
-(13 with 16-bit keys) and a few tiny torch ops, with two host syncs (so it cannot be
-captured in a CUDA graph); no sort, no int64 array of the input's size. Scratch memory: the
-sample keys (about 1/128 of the input's bytes), the candidate buffer (``cap_frac``, 3%, of
-the input's bytes), four int32 per block (0.1% at 4096 units per block) and a few words
-per layer and group. The returned indices are views of one int32 buffer.
+So the common case with 32-bit keys (fp32 scores, fused Ŵ/G sources) reads the input once
+(plus the sample, ~1%, and 1/32 of a 32-bit key's bytes of bits written and read back); 16-bit
+score keys read it twice. About 20 Triton launches (13 with 16-bit keys) and a few tiny torch
+ops, with two host syncs (so it cannot be captured in a CUDA graph); no sort, no int64 array of
+the input's size. Scratch memory, relative to the input's bytes: the sample keys (about
+1/128, freed before the bracket pass), the candidate keys (``cap_frac``, 1.1%) and positions
+(0.55% for fp32 scores), the bits (1/32 of 32-bit keys: 3.1% for fp32 scores, 1.6% for fp32
+Ŵ and G), six int32 per block (0.15% at 4096 units per block) and a few words per layer and
+group: 4.9% for fp32 scores, less for the fused sources, about 1.4% for 16-bit scores. The returned indices are views
+of one int32 buffer.
 
 Block mode of ``topk_from_delta_grad`` first reduces Ŵ and G to one fp32 score per tile
 (one launch, the only pass over Ŵ and G; the element score array is never formed) and
@@ -72,10 +83,11 @@ deterministic and equal ``reference.block_sum`` whenever the sums are exact; oth
 can differ from torch's summation order by rounding (and a selection at the boundary with
 them). Element mode, per-layer and global, is bit-exact against the reference.
 
-Status: verified on the CPU with the Triton interpreter only. Not yet compiled or timed on
-a GPU: ``benchmarks/bench_topk.py`` measures it against ``torch.topk`` / ``kthvalue`` /
-``sort``; the tunables of :class:`TopkConfig` (block size, warps, sample rate, margins,
-capacity) are first guesses.
+Status: verified on the CPU with the Triton interpreter (triton 3.9 and 3.6); every kernel
+compiles for sm_90 with both (``benchmarks/bench_topk.py --compile-check``: no register spill,
+16-byte loads in full blocks). Not yet timed on a GPU: ``benchmarks/bench_topk.py`` measures
+it against ``torch.topk`` / ``kthvalue`` / ``sort``; the tunables of :class:`TopkConfig`
+(block size, warps, sample rate, margins, capacity) are first guesses.
 """
 from __future__ import annotations
 
@@ -113,12 +125,13 @@ class TopkConfig:
     sample_chunk: int = 64  # consecutive units per sample chunk (power of 2)
     chunks_per_program: int = 32  # sample chunks per program (power of 2)
     sample_every: int = 128  # one unit in `sample_every` is sampled (4-byte inputs)...
-    min_sample: int = 1 << 16  # ...but at least this many per group (the bracket is ~1/sqrt(sample) wide)
+    min_sample: int = 1 << 12  # ...and at least this many per group (see _run_select's sampling plan)
     full_sample_max: int = 1 << 18  # groups/layers this small are sampled whole (exact)
-    cap_frac: float = 0.03  # candidate capacity, fraction of units (for 4-byte inputs)
+    cap_frac: float = 0.011  # candidate capacity, fraction of units (for 4-byte inputs)
     cap_slack: int = 256  # plus this many candidates per group
-    margin_sd: float = 6.0  # bracket half-width in binomial standard deviations
-    margin_frac: float = 0.001  # plus this fraction of the sample
+    margin_sd: float = 4.5  # bracket half-width in binomial standard deviations
+    margin_frac: float = 0.0005  # plus this fraction of the sample
+    single_read: bool = True  # 32-bit keys: write pass from the bracket pass's bits (no second read)
     buf_chunk: int = 4096  # keys per program in buffer histograms
     scan_chunk: int = 1024
     run_chunk: int = 256
@@ -350,7 +363,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _bracket_kernel(a_ptr, b_ptr, meta_ptr, L, gs_ptr, gc_ptr, blk_gt_ptr, blk_cnt_ptr, blk_run_ptr, cand_ptr,
-                        BLOCK: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr, GF: tl.constexpr,
+                        blk_nin_ptr, cpos_ptr, bits_ptr,
+                        BLOCK: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr, GF: tl.constexpr, BITS: tl.constexpr,
                         KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
                     AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
@@ -367,6 +381,16 @@ if HAS_TRITON:
             n_valid = tl.sum(valid.to(tl.int32), axis=0)
             tl.store(blk_gt_ptr + pid, n_above)
             tl.store(blk_cnt_ptr + pid, n_in)
+            if BITS:
+                # key > hi as one bit per unit (32 units per word), and the run length kept
+                # apart from blk_cnt (which the count pass overwrites with tie counts)
+                # a sum of distinct powers of two is their or; uint32 so that bit 31 cannot overflow
+                # (and a plain sum, not xor_sum, which the interpreter runs one element at a time)
+                shifts = tl.arange(0, 32).to(tl.uint32)[None, :]
+                words = tl.sum(tl.reshape(above.to(tl.uint32), (BLOCK // 32, 32)) << shifts, axis=1)
+                tl.store(bits_ptr + pid.to(tl.int64) * (BLOCK // 32) + tl.arange(0, BLOCK // 32),
+                         words.to(tl.int32, bitcast=True))
+                tl.store(blk_nin_ptr + pid, n_in)
             tl.atomic_add(gc_ptr + g * 4 + 0, n_valid.to(tl.int64), sem="relaxed")
             tl.atomic_add(gc_ptr + g * 4 + 1, n_above.to(tl.int64), sem="relaxed")
             tl.atomic_add(gc_ptr + g * 4 + 2, n_in.to(tl.int64), sem="relaxed")
@@ -377,6 +401,8 @@ if HAS_TRITON:
                     rank = tl.cumsum(inb.to(tl.int32), axis=0) - 1
                     dst = tl.load(gs_ptr + g * GF + 3) + start + rank
                     tl.store(cand_ptr + dst, _buf_val(key, K16), mask=inb)
+                    if BITS:  # in-block position of each candidate (BLOCK <= 32768)
+                        tl.store(cpos_ptr + dst, tl.arange(0, BLOCK).to(tl.int16), mask=inb)
 
     @triton.jit
     def _count_kernel(meta_ptr, L, gs_ptr, blk_gt_ptr, blk_cnt_ptr, blk_run_ptr, cand_ptr, ltot_ptr,
@@ -444,7 +470,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _write_kernel(a_ptr, b_ptr, meta_ptr, L, gs_ptr, blk_gt_ptr, blk_take_ptr, blk_off_ptr, out_ptr,
+                      blk_run_ptr, blk_nin_ptr, cand_ptr, cpos_ptr, bits_ptr,
                       BLOCK: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr, GF: tl.constexpr,
+                      BITS: tl.constexpr,
                       KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
                     AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
@@ -452,14 +480,47 @@ if HAS_TRITON:
         if tl.load(blk_gt_ptr + pid) + take > 0:
             lay = _find_layer(meta_ptr, 3, L, pid, MAXL, NF)
             g = tl.load(meta_ptr + lay * NF + 7)
-            idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16, AAL, BAL)
             thr = tl.load(gs_ptr + g * GF + 5).to(tl.uint32)
-            eqm = (valid & (key == thr)).to(tl.int32)
-            tie_rank = tl.cumsum(eqm, axis=0) - eqm
-            sel = (valid & (key > thr)) | ((eqm != 0) & (tie_rank < take))
-            sel_i = sel.to(tl.int32)
-            pos = tl.load(blk_off_ptr + pid) + tl.cumsum(sel_i, axis=0) - 1
-            tl.store(out_ptr + pos, idx.to(tl.int32), mask=sel)
+            # BITS (0 or 1): this launch has the bracket pass's bits; mode 1: the group's threshold
+            # came from its candidates, so all its in-bracket units are in candidate runs
+            if tl.load(gs_ptr + g * GF + 7) * BITS == 1:
+                # the input is not read again: units above the bracket come from the bracket
+                # pass's bits, the rest of the selection from this block's candidate run
+                W: tl.constexpr = BLOCK // 32
+                CH: tl.constexpr = 64  # candidates per step: a [W, CH] compare, ~1% of a block per step
+                wi = tl.arange(0, W)
+                words = tl.load(bits_ptr + pid.to(tl.int64) * W + wi).to(tl.uint32, bitcast=True)
+                base = tl.load(gs_ptr + g * GF + 3) + tl.load(blk_run_ptr + pid)
+                n_in = tl.load(blk_nin_ptr + pid)
+                ties_before = n_in * 0
+                for s in range(0, n_in, CH):
+                    ar = s + tl.arange(0, CH)
+                    mm = ar < n_in
+                    ckey = _buf_load(cand_ptr, base + ar, mm, K16)
+                    cpos = tl.load(cpos_ptr + base + ar, mask=mm, other=0).to(tl.int32)
+                    ceq = (mm & (ckey == thr)).to(tl.int32)
+                    trank = ties_before + tl.cumsum(ceq, axis=0) - ceq
+                    csel = mm & ((ckey > thr) | ((ceq != 0) & (trank < take)))
+                    cbit = tl.where(csel, tl.full([CH], 1, tl.uint32) << (cpos & 31).to(tl.uint32), 0)
+                    # distinct bits, none set yet (candidates are not above the bracket): sum == or
+                    words += tl.sum(tl.where((cpos >> 5)[None, :] == wi[:, None], cbit[None, :], 0), axis=1)
+                    ties_before += tl.sum(ceq, axis=0)
+                flags = tl.reshape(((words[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1).to(tl.int32),
+                                   (BLOCK,))
+                n = tl.load(meta_ptr + lay * NF + 2)
+                j = pid - tl.load(meta_ptr + lay * NF + 3)
+                idx = j * BLOCK + tl.arange(0, BLOCK)
+                pos = tl.load(blk_off_ptr + pid) + tl.cumsum(flags, axis=0) - 1
+                tl.store(out_ptr + pos, idx.to(tl.int32), mask=(flags != 0) & (idx < n))
+            else:
+                idx, key, valid = _block_keys(a_ptr, b_ptr, meta_ptr, lay, pid, BLOCK, NF, KIND, ADT, BDT, K16,
+                                              AAL, BAL)
+                eqm = (valid & (key == thr)).to(tl.int32)
+                tie_rank = tl.cumsum(eqm, axis=0) - eqm
+                sel = (valid & (key > thr)) | ((eqm != 0) & (tie_rank < take))
+                sel_i = sel.to(tl.int32)
+                pos = tl.load(blk_off_ptr + pid) + tl.cumsum(sel_i, axis=0) - 1
+                tl.store(out_ptr + pos, idx.to(tl.int32), mask=sel)
 
     @triton.jit
     def _tile_kernel(a_ptr, b_ptr, meta_ptr, L, out_ptr,
@@ -607,9 +668,27 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
     gsize = [total_units] if global_mode else list(sizes)
 
     # ---- sampling plan
-    # sample keys and candidates take about 1/sample_every and cap_frac of the input's bytes
+    # The sample fixes the bracket's width (~ margin_sd binomial sd of the sample rank, so
+    # relative width ~ 1/sqrt(sample)) and the width the candidates. Per group: at least one
+    # unit in `sample_every`, and at least the size that minimises sample + candidate bytes;
+    # then at least what keeps the expected bracket within 80% of `cap_frac` (at most 1/32
+    # of the group); a group whose bracket would still not fit gets a larger capacity.
+    gk = [sum(ks)] if global_mode else list(ks)
+    bits_possible = cfg.single_read and not src.k16 and 32 <= BLOCK <= 32768
+    cand_bytes = src.key_bytes + (2 if bits_possible else 0)
+    cap_frac = min(1.0, cfg.cap_frac * src.bytes_per_unit / src.key_bytes)
+    room = 0.8 * cap_frac - 2.0 * cfg.margin_frac
     rate = max(1, int(round(cfg.sample_every * src.key_bytes / max(1, src.bytes_per_unit))))
-    grate = [min(rate, max(1, n // max(1, cfg.min_sample))) for n in gsize]
+
+    def sample_size(n, k):
+        if n == 0:
+            return 1
+        sdq = math.sqrt(k / n * (1.0 - k / n))
+        m_opt = (n * cfg.margin_sd * sdq * cand_bytes / src.key_bytes) ** (2.0 / 3.0)
+        m_fit = (2.0 * cfg.margin_sd * sdq / room) ** 2 if room > 0 else 0.0
+        return int(min(n, max(cfg.min_sample, n / rate, m_opt, min(m_fit, n / 32))))
+
+    grate = [max(1, n // max(1, sample_size(n, k))) for n, k in zip(gsize, gk)]
     full = [gsize[group_of[i]] <= cfg.full_sample_max for i in range(L)]
     nch, span, msize = [], [], []
     for i, n in enumerate(sizes):
@@ -643,20 +722,26 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
     meta = torch.tensor(rows, dtype=torch.int64)
 
     # ---- per-group plan: trivial groups, sample ranks, candidate capacity
-    gk = [sum(ks)] if global_mode else list(ks)
     gm = [0] * G
     gfull = [True] * G
     for i in range(L):
         gm[group_of[i]] += msize[i]
         gfull[group_of[i]] = gfull[group_of[i]] and full[i]
-    cap_frac = min(1.0, cfg.cap_frac * src.bytes_per_unit / src.key_bytes)
     gs_rows, ts_rows = [], []  # ts: target 0 is the bracket's hi end (rank r_hi), target 1 its lo end
     trivial = [False] * G
     caps = [0] * G
     cbase = 0
     for g in range(G):
         n, k, m = gsize[g], gk[g], gm[g]
-        caps[g] = 0 if gfull[g] else min(n, int(math.ceil(cap_frac * n)) + cfg.cap_slack)
+        if gfull[g] or k == 0 or k == n:
+            caps[g] = 0
+        elif cfg.cap_frac <= 0:  # no candidates at all (tests force the fallback this way)
+            caps[g] = min(n, cfg.cap_slack)
+        else:  # the expected bracket (2 delta of m sampled ranks, scaled to n) over 0.8
+            q_g, m_g = k / max(1, n), max(1, m)
+            d_g = cfg.margin_sd * math.sqrt(max(q_g * m_g * (1.0 - q_g), 1.0)) + cfg.margin_frac * m_g + 2.0
+            need = 2.0 * d_g / m_g * n / 0.8
+            caps[g] = min(n, int(math.ceil(max(cap_frac * n, need))) + cfg.cap_slack)
         row = [0] * _GF
         row[_G_CAP], row[_G_CBASE], row[_G_ACTIVE] = caps[g], cbase, 1
         cbase += caps[g]
@@ -705,6 +790,13 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
         gs_d[:, _G_HI] = torch.where(triv_d, gs_d[:, _G_HI], vals[:, 0])
         gs_d[:, _G_LO] = torch.where(triv_d, gs_d[:, _G_LO], vals[:, 1])
         stats["sampled_units"] = int(sum(msize))
+        del keys, vals  # freed before the candidate buffers: the peak is the larger of the two
+
+    # single read: the bracket pass also writes one bit per unit (key > hi) and each candidate's
+    # in-block position, and the write pass builds the selection from those (1/32 of a 32-bit
+    # key's bytes) instead of reading the input again. 16-bit keys keep the second read: the
+    # bits would be 1/16 of their bytes, more scratch than the 5% budget leaves.
+    BITS = int(bits_possible and any(not trivial[g] and not gfull[g] for g in range(G)))
 
     # ---- 3. bracket pass: counts, validity, candidate compaction
     gc = torch.zeros(G, 4, dtype=torch.int64, device=device)
@@ -712,9 +804,16 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
     blk_cnt = torch.zeros(max(1, n_blocks), **i32)
     blk_run = torch.zeros(max(1, n_blocks), **i32)
     cand = torch.empty(max(1, cand_size), dtype=kdt, device=device)
+    if BITS:
+        cpos = torch.empty(max(1, cand_size), dtype=torch.int16, device=device)
+        bits = torch.empty(max(1, n_blocks * (BLOCK // 32)), **i32)
+        blk_nin = torch.zeros(max(1, n_blocks), **i32)
+    else:
+        cpos = bits = blk_nin = blk_run  # never read: BITS is a constexpr 0
     if n_blocks:
         _bracket_kernel[(n_blocks,)](a_base, b_base, meta_d, L, gs_d, gc, blk_gt, blk_cnt, blk_run, cand,
-                                     BLOCK=BLOCK, MAXL=MAXL, NF=_NF, GF=_GF, num_warps=NW, **kw)
+                                     blk_nin, cpos, bits,
+                                     BLOCK=BLOCK, MAXL=MAXL, NF=_NF, GF=_GF, BITS=BITS, num_warps=NW, **kw)
     host = torch.cat([gc, gs_d[:, [_G_LO, _G_HI]]], dim=1).cpu()  # sync 1
     n_valid, n_above, n_in, fill = (host[:, j].tolist() for j in range(4))
     lo_h, hi_h = host[:, 4].tolist(), host[:, 5].tolist()
@@ -746,7 +845,8 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
     stats.update(exact_bracket=sum(1 for g in range(G) if not trivial[g] and 0 < kprime[g] < n_valid[g]
                                    and mode[g] == 0 and g not in radix_full),
                  candidates=len(radix_cand), fallback=len(radix_full), recount=len(recount),
-                 trivial=sum(trivial), candidate_keys=sum(fill[g] for g in radix_cand))
+                 trivial=sum(trivial), candidate_keys=sum(fill[g] for g in radix_cand),
+                 single_read=len(radix_cand) if BITS else 0)
 
     # ---- 4. exact threshold: candidate radix (small) and/or full-input radix (fallback)
     thr_d = _to_dev(torch.tensor(thr, dtype=torch.int64), device)
@@ -789,7 +889,8 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
         gs_d[:, _G_LO] = thr_d
         gs_d[:, _G_HI] = thr_d
         _bracket_kernel[(n_blocks,)](a_base, b_base, meta_d, L, gs_d, gc, blk_gt, blk_cnt, blk_run, cand,
-                                     BLOCK=BLOCK, MAXL=MAXL, NF=_NF, GF=_GF, num_warps=NW, **kw)
+                                     blk_nin, cpos, bits,
+                                     BLOCK=BLOCK, MAXL=MAXL, NF=_NF, GF=_GF, BITS=0, num_warps=NW, **kw)
 
     # ---- 5. count, 6. scan, 7. write
     ltot = torch.zeros(L, 2, dtype=torch.int64, device=device)
@@ -804,7 +905,8 @@ def _run_select(src: _Source, sizes: list[int], ks: list[int], global_mode: bool
                        GLOBAL=global_mode, CH=cfg.scan_chunk, MAXL=MAXL, NF=_NF, GF=_GF, num_warps=4)
     if n_blocks:
         _write_kernel[(n_blocks,)](a_base, b_base, meta_d, L, gs_d, blk_gt, blk_take, blk_off, out,
-                                   BLOCK=BLOCK, MAXL=MAXL, NF=_NF, GF=_GF, num_warps=NW, **kw)
+                                   blk_run, blk_nin, cand, cpos, bits,
+                                   BLOCK=BLOCK, MAXL=MAXL, NF=_NF, GF=_GF, BITS=BITS, num_warps=NW, **kw)
     lout_h = lout.cpu().tolist()  # sync 2
     total = sum(c for _, c in lout_h)
     if total != sum(kprime) or (not global_mode and any(lout_h[i][1] != kprime[i] for i in range(L))):

@@ -285,6 +285,64 @@ def test_fused_block_nan_tile_never_selected():
 # ----------------------------------------------------------------------------- bad input
 
 
+# ---------------------------------------------------------- single read (bits + candidates)
+
+BITS_CFG = tk.with_config(block=256, full_sample_max=0, sample_chunk=8, sample_every=4, chunks_per_program=8,
+                          buf_chunk=512, scan_chunk=4, run_chunk=16, cap_frac=1.0, margin_sd=4.0, min_sample=64)
+
+
+def _tied_layers():
+    """Many distinct values with a few ties each: the bracket spans several values (lo < hi) and
+    the threshold value is shared by units in different blocks; plus NaN, -0.0 and a partial block."""
+    g = torch.Generator().manual_seed(11)
+    layers = [torch.randint(-200, 201, (37, 53), generator=g).float() * 0.25,
+              torch.randn(100, 33, generator=g),
+              torch.randint(-300, 301, (20, 64), generator=g).float()]
+    layers[1][3, :7] = float("nan")
+    layers[0][0, :5] = -0.0
+    layers[0][1, :9] = 0.0
+    return [t.to(DEV) for t in layers]
+
+
+@pytest.mark.parametrize("global_mode", [False, True])
+def test_single_read_path_matches_reference_and_two_reads(global_mode):
+    layers = _tied_layers()
+    two_reads = tk.with_config(**{**BITS_CFG.__dict__, "single_read": False})
+    for ks in ([700, 1234, 300], [1, 3290, 1279], [980, 1650, 640]):
+        if global_mode:
+            k = sum(ks)
+            want = ref.topk_global(layers, k)
+            got = tk.topk_global(layers, k, config=BITS_CFG)
+            stats = dict(tk.last_stats)
+            _same(tk.topk_global(layers, k, config=two_reads), want, f"two reads k={k}")
+        else:
+            want = ref.topk_per_layer(layers, ks)
+            got = tk.topk_per_layer(layers, ks, config=BITS_CFG)
+            stats = dict(tk.last_stats)
+            _same(tk.topk_per_layer(layers, ks, config=two_reads), want, f"two reads ks={ks}")
+        assert tk.last_stats["single_read"] == 0, tk.last_stats
+        _same(got, want, f"single read ks={ks}")
+        assert stats["single_read"] >= 1, stats  # the path under test really ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_read_path_fused_sources(dtype):
+    d, g = _dg(dtype, shapes=[(48, 80), (64, 64), (32, 112)])
+    ks = [1500, 400, 2000]
+    _same(tk.topk_from_delta_grad(d, g, "mcs", ks=ks, config=BITS_CFG),
+          ref.topk_from_delta_grad(d, g, "mcs", ks=ks), f"{dtype} per layer")
+    assert tk.last_stats["single_read"] >= 1, tk.last_stats
+    _same(tk.topk_from_delta_grad(d, g, "snip", global_k=3000, config=BITS_CFG),
+          ref.topk_from_delta_grad(d, g, "snip", global_k=3000), f"{dtype} global")
+
+
+def test_single_read_not_used_for_16_bit_keys():
+    layers = [t.bfloat16() for t in _tied_layers()]
+    ks = [700, 1234, 300]
+    _same(tk.topk_per_layer(layers, ks, config=BITS_CFG), ref.topk_per_layer(layers, ks))
+    assert tk.last_stats["single_read"] == 0, tk.last_stats
+
+
 def test_offset_alignment_hint_is_a_true_divisor():
     """The kernels promise the compiler that every layer offset is a multiple of this value."""
     assert tk._offset_alignment([0, 128, 4096]) == 16
