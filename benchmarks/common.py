@@ -15,7 +15,14 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 
 def git_commit() -> tuple[str, bool]:
-    """(HEAD sha or "uncommitted", whether tracked files differ from it)."""
+    """(HEAD sha or "uncommitted", whether tracked files differ from it).
+
+    ``SPARSE_ENGINE_COMMIT`` (a sha, set by whoever copies a clean tree without its ``.git``
+    to another machine, e.g. the GPU machine) is taken as the commit of a clean tree.
+    """
+    given = os.environ.get("SPARSE_ENGINE_COMMIT")
+    if given:
+        return given, False
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
