@@ -306,6 +306,23 @@ class Workspace:
         model = self.model_with(merged)
         return evaluate_held(model, self.tokenizer, self.tasks(held_in), self.tasks(held_out), **self.gen_kwargs)
 
+    def routed_scores(self, experts: Mapping[str, Expert], held_in: Sequence[str] | None = None) -> dict:
+        """Held-in Rouge-L with every request served by its own task's expert (no merging):
+        the experts registered in one :class:`~sparse_engine.serving.AdapterLibrary` on a copy
+        of the base, mixed batches. Held-out tasks have no expert, so there is no held-out score."""
+        from sparse_engine.serving import AdapterLibrary, evaluate_routed
+
+        held_in = self.setup.held_in if held_in is None else held_in
+        library = AdapterLibrary(copy.deepcopy(self.base))
+        try:
+            for task in held_in:
+                layers = {name.removesuffix(".weight"): d for name, d in experts[task].layers.items()}
+                library.register(task, layers, check_base=False)
+            scores = evaluate_routed(library, self.tokenizer, self.tasks(held_in), **self.gen_kwargs)
+        finally:
+            library.uninstall()
+        return {"held_in": scores, "held_in_mean": evaluation.mean_score(scores)}
+
     def base_scores(self) -> dict:
         key = "base:" + hashlib.sha256(json.dumps([self.setup.held_in, self.setup.held_out, self.setup.n_test,
                                                    self.gen_kwargs]).encode()).hexdigest()[:8]
@@ -329,6 +346,8 @@ def _settings_note(ws: Workspace, seconds: float) -> str:
 
 
 # ============================================================================== Table 1
+ROUTABLE_KINDS = ("sparse", "block")  # what sparse_engine.serving.AdapterLibrary serves
+
 def run_table1(setup: PaperSetup, workspace: Workspace | None = None, methods: dict | None = None) -> dict:
     """Table 1: the held-in experts merged with every method, per expert kind, + multitask."""
     start = time.perf_counter()
@@ -352,6 +371,13 @@ def run_table1(setup: PaperSetup, workspace: Workspace | None = None, methods: d
             rows.append({"method": KIND_LABELS[kind], "merging": METHOD_LABELS[method], "% trainable": f"{pct:.2f}%",
                          "held-in": _r(scores["held_in_mean"]), "held-out": _r(scores["held_out_mean"]),
                          "paper held-in": paper[0], "paper held-out": paper[1]})
+        if kind in ROUTABLE_KINDS:  # the alternative to merging: each request to its own expert
+            ws.log(f"table1: routed evaluation of the {len(experts)} {kind} experts (no merge)")
+            routed = ws.routed_scores(experts)
+            details["routed"] = {**details.get("routed", {}), kind: routed}
+            rows.append({"method": KIND_LABELS[kind], "merging": "routed, no merge", "% trainable": f"{pct:.2f}%",
+                         "held-in": _r(routed["held_in_mean"]), "held-out": None,
+                         "paper held-in": None, "paper held-out": None})
     mt = ws.ensure_multitask()
     details["multitask"] = mt["scores"]
     paper = PAPER_TABLE1[("multitask", None)]

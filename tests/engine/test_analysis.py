@@ -59,11 +59,19 @@ def test_table1_fig6_fig5_table3_table4_at_toy_size(toy):
     labels = [(r["method"], r["merging"]) for r in t1["rows"]]
     assert labels[0] == ("Base model", "-") and labels[-1] == ("Multitask", "-")
     assert ("Element-Sparse", "Averaging (Eq. 4)") in labels and ("Full-Finetune", "Ties") in labels
-    assert len(labels) == 2 + sum(len(v) for v in analysis.TABLE1_METHODS.values())
+    routable = [k for k in setup.kinds if k in analysis.ROUTABLE_KINDS]
+    assert len(labels) == 2 + sum(len(v) for v in analysis.TABLE1_METHODS.values()) + len(routable)
     sparse_row = labels.index(("Element-Sparse", "Averaging (Eq. 4)"))
     assert t1["rows"][sparse_row]["paper held-in"] == 51.44
     for row in t1["rows"]:
-        assert 0.0 <= row["held-in"] <= 100.0 and 0.0 <= row["held-out"] <= 100.0
+        assert 0.0 <= row["held-in"] <= 100.0
+        assert row["held-out"] is None if row["merging"] == "routed, no merge" else 0.0 <= row["held-out"] <= 100.0
+    # routed serving = each expert on its own task: the individual experts' scores, task by task
+    for kind in routable:
+        routed = t1["details"]["routed"][kind]["held_in"]
+        individual = t1["details"]["individual"][kind]
+        assert routed.keys() == individual.keys()
+        assert all(routed[t] == pytest.approx(individual[t], abs=1e-9) for t in routed), (routed, individual)
     out = Path(setup.out_dir)
     assert "| Multitask |" in (out / "table1.md").read_text()
 
