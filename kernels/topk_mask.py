@@ -71,7 +71,10 @@ the input's size. Scratch memory, relative to the input's bytes: the sample keys
 1/128, freed before the bracket pass), the candidate keys (``cap_frac``, 1.1%) and positions
 (0.55% for fp32 scores), the bits (1/32 of 32-bit keys: 3.1% for fp32 scores, 1.6% for fp32
 Ŵ and G), six int32 per block (0.15% at 4096 units per block) and a few words per layer and
-group: 4.9% for fp32 scores, less for the fused sources, about 1.4% for 16-bit scores. The returned indices are views
+group: 4.9% for fp32 scores, less for the fused sources, about 1.4% for 16-bit scores, at
+Phi-3 layer sizes. Small groups cost relatively more: the cheapest sample + candidates grow
+like n^(2/3), and groups of at most ``full_sample_max`` units are sampled whole (a copy of
+their keys, all of their bytes, in exchange for an exact threshold in one pass). The returned indices are views
 of one int32 buffer.
 
 Block mode of ``topk_from_delta_grad`` first reduces Ŵ and G to one fp32 score per tile

@@ -11,6 +11,7 @@ Methods (the paper's Section 4.1 comparison):
 from __future__ import annotations
 
 import copy
+import zlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,7 +66,11 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
             info["adapter_file"] = info["expert_file"] = str(path)
     elif spec.method == "lora":
         rank = matched_lora_rank(model, spec.adapter)
-        model = attach_lora(model, rank, spec.adapter.target_modules)
+        # PEFT draws lora_A from the global RNG: seed it (per task, from the training seed) so
+        # an expert does not depend on what ran before it in the process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.training.seed * 1_000_003 + zlib.crc32(task.name.encode()))
+            model = attach_lora(model, rank, spec.adapter.target_modules)
         result = train_expert(model, dataset, training, collate_fn=collate)
         info["lora_rank"] = rank
     else:

@@ -19,3 +19,26 @@ def test_demo_at_reduced_size(tmp_path, tiny_base_cache, tiny_base_spec):
     assert abs(params["LoRA"] - params["element-sparse"]) / params["element-sparse"] < 0.35
     assert params["full fine-tune"] > 10 * params["element-sparse"]
     assert all(0.0 <= row["mean Rouge-L"] <= 100.0 for row in results["rows"])
+
+
+def test_lora_expert_does_not_depend_on_the_global_rng(tiny_base_cache, tiny_base_spec):
+    """PEFT initialises lora_A from the global RNG; the same spec must give the same expert
+    whatever ran before it (a bug found when a fresh Table 1 run gave other LoRA rows)."""
+    import torch
+
+    from sparse_engine import data
+    from sparse_engine.builtin import load_builtin_base
+    from sparse_engine.experts import ExpertSpec, train_task_expert
+    from sparse_engine.training import TrainingConfig
+
+    model, tokenizer = load_builtin_base(tiny_base_spec, cache_dir=tiny_base_cache, progress=False)
+    task = data.builtin_task_data("colour_to_fruit", n_train=16, n_validation=0, n_test=0, seed=0)
+    spec = ExpertSpec(method="lora", training=TrainingConfig(epochs=1, batch_size=8, progress=False))
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        torch.rand(7)  # whatever else the process did
+        expert, _ = train_task_expert(model, tokenizer, task, spec)
+        states.append({k: v.detach().clone() for k, v in expert.state_dict().items() if "lora_" in k})
+    assert states[0] and states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
