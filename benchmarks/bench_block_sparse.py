@@ -165,7 +165,7 @@ def run_compile_check(args):
     jobs = []
     for cfg in bsk._dsd_kernel.configs:
         for name, extra in (("dsd fwd", {"stride_bt": 1}), ("dsd dx ", {"stride_bo": 1})):
-            jobs.append((f"{name} BM{cfg.kwargs['BLOCK_M']:<3d} KG{cfg.kwargs['KG']}", bsk._dsd_kernel,
+            jobs.append((f"{name} BM{cfg.kwargs['BLOCK_M']:<3d} KG{cfg.kwargs['KG']} C{cfg.kwargs['COLS']}", bsk._dsd_kernel,
                          {"a_ptr": ptr, "blk_ptr": "*fp32", "ptr_ptr": "*i32", "slot_ptr": "*i32",
                           "other_ptr": "*i32", "c_ptr": ptr},
                          dict(B=16, ACCUMULATE=False, IEEE=False, UPCAST=False, stride_ak=1, stride_cn=1, **extra), cfg))

@@ -22,12 +22,15 @@ trusted: they were validated when the structure was built.
 Kernel design (cost ~ number of kept blocks, except the fused GEMMs which are dense by
 definition):
 
-* DSD (delta forward / delta dX): one program per (output block column, BLOCK_M tokens).
-  It walks only that output column's kept blocks (CSR row for y = xΔWᵀ, CSC column for
-  dX = dYΔW), KG blocks per step: the KG 16-wide input slices they touch are gathered
-  into one [BLOCK_M, KG·B] operand and the KG blocks stacked into [KG·B, B], one tl.dot.
-  Absent blocks are never read; an output column with no block is written as zeros
-  (or left untouched when accumulating).
+* DSD (delta forward / delta dX): one program per (COLS output block columns, BLOCK_M
+  tokens), the columns one after the other. A column walks only its kept blocks (CSR row
+  for y = xΔWᵀ, CSC column for dX = dYΔW), KG blocks per step: the KG 16-wide input slices
+  they touch are gathered into one [BLOCK_M, KG·B] operand and the KG blocks stacked into
+  [KG·B, B], one tl.dot. Absent blocks are never read; an output column with no block is
+  written as zeros (or left untouched when accumulating). COLS = 1 with cp.async pipelining
+  is the plain form; COLS = 16/64 over 16-32 tokens with plain loads (num_stages 1) lets the
+  later columns of a program find the token tile's x slices in L1 (an untimed alternative to
+  the L2-bound form below, left to the autotuner).
 * SDD (dBlocks): one program per chunk of up to KG kept blocks of one block row. It
   streams all tokens once: dY's 16 columns of that row are loaded once per token tile and
   shared by the KG blocks, whose x slices are gathered into [KG·B, BLOCK_K]; the product
@@ -114,15 +117,21 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 def _dsd_configs():
-    if _triton.INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "KG": 2}, num_warps=4, num_stages=1)]
+    if _triton.INTERPRET:  # COLS 2: the column loop and its guard (odd column counts) run in tests
+        return [triton.Config({"BLOCK_M": 64, "KG": 2, "COLS": 2}, num_warps=4, num_stages=1)]
     cfgs = []
     for bm in (16, 32, 64, 128):
         for kg in (2, 4, 8):
             for warps, stages in ((4, 3), (4, 4), (8, 3)):
                 if bm <= 32 and warps == 8:
                     continue
-                cfgs.append(triton.Config({"BLOCK_M": bm, "KG": kg}, num_warps=warps, num_stages=stages))
+                cfgs.append(triton.Config({"BLOCK_M": bm, "KG": kg, "COLS": 1}, num_warps=warps, num_stages=stages))
+    # Many output columns per program over one small token tile, plain loads (num_stages=1: no
+    # cp.async, which bypasses L1): the tile's x slices can then be re-read from L1 instead of
+    # L2 by the next columns (a kept 16x16 block only reuses its x slice 16 times, so at keep
+    # 0.1 the one-column configs are expected L2-bound). Untimed idea: the autotuner decides.
+    for bm, cols in ((16, 16), (32, 16), (16, 64)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "KG": 4, "COLS": cols}, num_warps=4, num_stages=1))
     return cfgs
 
 
@@ -152,7 +161,7 @@ def _prune_by_m(block_name: str, defaults: tuple = ()):
     configs=_dsd_configs(),
     key=["M_BUCKET", "D_BUCKET", "n_out_blocks", "B"],
     prune_configs_by={"early_config_prune": _prune_by_m("BLOCK_M", tuple(
-        ({"BLOCK_M": bm, "KG": 4}, 4, 3) for bm in (128, 64, 32, 16)))},
+        ({"BLOCK_M": bm, "KG": 4, "COLS": 1}, 4, 3) for bm in (128, 64, 32, 16)))},
     restore_value=["c_ptr"],
 )
 @triton.jit
@@ -161,23 +170,37 @@ def _dsd_kernel(
     M, M_BUCKET, D_BUCKET, n_out_blocks,
     stride_am, stride_ak, stride_cm, stride_cn,
     stride_bs, stride_bt, stride_bo,
-    B: tl.constexpr, BLOCK_M: tl.constexpr, KG: tl.constexpr,
+    B: tl.constexpr, BLOCK_M: tl.constexpr, KG: tl.constexpr, COLS: tl.constexpr,
     ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """C[:, o·B:(o+1)·B] (+)= Σ_j A[:, other_j·B:(other_j+1)·B] · Bop_j over the entries j of output column o.
+    """C[:, o·B:(o+1)·B] (+)= Σ_j A[:, other_j·B:(other_j+1)·B] · Bop_j over the entries j of output column o,
+    for the COLS output columns o of this program, one after the other.
 
     Bop_j[t, u] = blocks[slot_j, ...] read through (stride_bt, stride_bo): for y = xΔWᵀ the
     entries are a CSR row (other = column block, Bop = blockᵀ); for dX = dYΔW a CSC column
     (other = row block, Bop = block).
     """
-    pid_o = tl.program_id(0)
     pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    for r in range(COLS):
+        pid_o = tl.program_id(0) * COLS + r
+        if pid_o < n_out_blocks:
+            _dsd_column(a_ptr, blk_ptr, ptr_ptr, slot_ptr, other_ptr, c_ptr, pid_o, offs_m, m_mask,
+                        stride_am, stride_ak, stride_cm, stride_cn, stride_bs, stride_bt, stride_bo,
+                        B, BLOCK_M, KG, ACCUMULATE, IEEE, UPCAST)
+
+
+@triton.jit
+def _dsd_column(
+    a_ptr, blk_ptr, ptr_ptr, slot_ptr, other_ptr, c_ptr, pid_o, offs_m, m_mask,
+    stride_am, stride_ak, stride_cm, stride_cn, stride_bs, stride_bt, stride_bo,
+    B: tl.constexpr, BLOCK_M: tl.constexpr, KG: tl.constexpr,
+    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
     CT: tl.constexpr = a_ptr.dtype.element_ty
     start = tl.load(ptr_ptr + pid_o)
     end = tl.load(ptr_ptr + pid_o + 1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
     kk = tl.arange(0, KG * B)
     g = kk // B
     t = kk % B
@@ -603,7 +626,7 @@ def _dsd(a, blocks, entries, n_out_blocks, bs, out, accumulate, transpose_blocks
         return
     sb = blocks.stride()
     stride_bt, stride_bo = (sb[2], sb[1]) if transpose_blocks else (sb[1], sb[2])
-    grid = lambda meta: (n_out_blocks, triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_out_blocks, meta["COLS"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     _dsd_kernel[grid](
         a, blocks, ptr, slots, other, c,
         m, _m_bucket(m), _bucket(blocks.shape[0], n_out_blocks), n_out_blocks,
