@@ -56,7 +56,9 @@ bf16 arithmetic is wrong, so bf16 operands are upcast after loading (``UPCAST``)
 
 *Choice of BLOCK_M.* Fixed per call from the mean segment length (16 for decode-like
 batches up to 128 for long segments); ``KG``/``ROWS``/warps/stages are autotuned on the GPU
-(``SPARSE_ENGINE_AUTOTUNE=0``: one default), and ``out`` is restored between trials.
+(``SPARSE_ENGINE_AUTOTUNE=0``: one default), and ``out`` is restored between trials. Two
+configs walk 16 or 64 block rows per program with plain (L1-cached) loads, so later rows may
+find the tile's gathered x slices in L1: an untimed alternative for long prefill segments.
 
 GPU status: written and tested in the Triton interpreter (fp32/fp16); bf16 on CUDA, the
 autotune space and the timings still need a GPU run (``benchmarks/bench_multi_adapter.py``).
@@ -97,6 +99,11 @@ def _block_configs():
         for rows in (1, 2, 4):
             for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
                 cfgs.append(triton.Config({"KG": kg, "ROWS": rows}, num_warps=warps, num_stages=stages))
+    # many output block rows per program with plain loads (num_stages 1: no cp.async, which
+    # bypasses L1), so later rows can find the tile's gathered x slices in L1 (untimed idea,
+    # as for the DSD kernel in block_sparse.py; the autotuner decides)
+    for rows in (16, 64):
+        cfgs.append(triton.Config({"KG": 4, "ROWS": rows}, num_warps=4, num_stages=1))
     return cfgs
 
 
@@ -145,7 +152,7 @@ def _multi_block_kernel(
     t = kk % B
     u = tl.arange(0, B)
     line = row_ptr_ptr + slot.to(tl.int64) * stride_rp
-    for r in tl.static_range(ROWS):
+    for r in range(ROWS):
         o = pid_o * ROWS + r
         o_ok = (o < n_rb) & (t1 > t0)
         start = tl.load(line + o, mask=o_ok, other=0)
