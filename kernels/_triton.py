@@ -1,4 +1,4 @@
-"""Small helpers shared by the Triton kernels: availability and interpreter mode.
+"""Small helpers shared by the Triton kernels: availability, interpreter mode, autotune defaults.
 
 ``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined (the
 test suite's conftest does it on machines without CUDA). In the interpreter bf16 is held
@@ -22,3 +22,13 @@ def triton_usable_for(tensor) -> bool:
         return True
     return INTERPRET and tensor.device.type == "cpu"
 
+
+
+def matching_config(configs, defaults):
+    """The first of ``configs`` equal to one of ``defaults`` (``(kwargs, num_warps, num_stages)``,
+    in order of preference), or None: the one config kept when autotuning is switched off."""
+    for want, warps, stages in defaults:
+        for c in configs:
+            if c.kwargs == want and c.num_warps == warps and c.num_stages == stages:
+                return c
+    return None

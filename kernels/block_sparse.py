@@ -148,11 +148,8 @@ def _prune_by_m(block_name: str, defaults: tuple = ()):
         keep = keep or [min(configs, key=lambda c: c.kwargs[block_name])]
         if AUTOTUNE:
             return keep
-        for want, warps, stages in defaults:
-            for c in keep:
-                if c.kwargs == want and c.num_warps == warps and c.num_stages == stages:
-                    return [c]
-        return keep[:1]
+        chosen = _triton.matching_config(keep, defaults)
+        return [chosen] if chosen is not None else keep[:1]
 
     return prune
 
@@ -636,6 +633,28 @@ def _dsd(a, blocks, entries, n_out_blocks, bs, out, accumulate, transpose_blocks
     )
 
 
+def _delta_product(name, a, blocks, block_indices, shape, out, accumulate, slot_map, layout, *, forward: bool):
+    """Checks, index structures and launch shared by the two delta-only products: ``forward``
+    y = x·ΔWᵀ over CSR rows (``a`` = x), else dX = dY·ΔW over CSC columns (``a`` = dY)."""
+    _check_float(name, a)
+    bs = _check_blocks(blocks, block_indices)
+    _check_shape(shape, bs)
+    _check_device(a.device, blocks=blocks, block_indices=block_indices)
+    structure = "csr" if forward else "csc"
+    idx = _resolve(block_indices, shape, bs, slot_map, layout, {structure})
+    d_a, d_c = (shape[1], shape[0]) if forward else (shape[0], shape[1])
+    a2 = _flat(a, name, d_a)
+    out_shape = (*a.shape[:-1], d_c)
+    if out is None:
+        out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+        accumulate = False
+    else:
+        _check_out(out, out_shape, a.dtype, a.device)
+    c = _out_2d(out, a2.shape[0], d_c)
+    _dsd(a2, blocks, idx[structure], d_c // bs, bs, c, accumulate, transpose_blocks=forward)
+    return out
+
+
 def block_delta_matmul(x, blocks, block_indices, d_out: int, out=None, *, accumulate: bool = True,
                        slot_map=None, layout=None):
     """y (+)= x·ΔWᵀ reading only the kept blocks. ``x [..., d_in]`` → ``[..., d_out]`` in x's dtype.
@@ -643,45 +662,17 @@ def block_delta_matmul(x, blocks, block_indices, d_out: int, out=None, *, accumu
     ``out`` given: the product is added into it (``accumulate=False``: overwritten) and it is
     returned. Each block is cast to x's dtype before the product (like the reference).
     """
-    _check_float("x", x)
-    bs = _check_blocks(blocks, block_indices)
-    d_in = x.shape[-1] if x.dim() else 0
-    shape = (int(d_out), int(d_in))
-    _check_shape(shape, bs)
-    _check_device(x.device, blocks=blocks, block_indices=block_indices)
-    idx = _resolve(block_indices, shape, bs, slot_map, layout, {"csr"})
-    x2 = _flat(x, "x", d_in)
-    out_shape = (*x.shape[:-1], shape[0])
-    if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-        accumulate = False
-    else:
-        _check_out(out, out_shape, x.dtype, x.device)
-    c = _out_2d(out, x2.shape[0], shape[0])
-    _dsd(x2, blocks, idx["csr"], shape[0] // bs, bs, c, accumulate, transpose_blocks=True)
-    return out
+    d_in = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0
+    return _delta_product("x", x, blocks, block_indices, (int(d_out), int(d_in)), out, accumulate, slot_map, layout,
+                          forward=True)
 
 
 def block_delta_grad_input(dy, blocks, block_indices, d_in: int, out=None, *, accumulate: bool = True,
                            slot_map=None, layout=None):
     """dX (+)= dY·ΔW reading only the kept blocks. ``dy [..., d_out]`` → ``[..., d_in]`` in dy's dtype."""
-    _check_float("dy", dy)
-    bs = _check_blocks(blocks, block_indices)
-    d_out = dy.shape[-1] if dy.dim() else 0
-    shape = (int(d_out), int(d_in))
-    _check_shape(shape, bs)
-    _check_device(dy.device, blocks=blocks, block_indices=block_indices)
-    idx = _resolve(block_indices, shape, bs, slot_map, layout, {"csc"})
-    dy2 = _flat(dy, "dy", d_out)
-    out_shape = (*dy.shape[:-1], shape[1])
-    if out is None:
-        out = torch.empty(out_shape, dtype=dy.dtype, device=dy.device)
-        accumulate = False
-    else:
-        _check_out(out, out_shape, dy.dtype, dy.device)
-    c = _out_2d(out, dy2.shape[0], shape[1])
-    _dsd(dy2, blocks, idx["csc"], shape[1] // bs, bs, c, accumulate, transpose_blocks=False)
-    return out
+    d_out = dy.shape[-1] if isinstance(dy, torch.Tensor) and dy.dim() else 0
+    return _delta_product("dy", dy, blocks, block_indices, (int(d_out), int(d_in)), out, accumulate, slot_map,
+                          layout, forward=False)
 
 
 def block_grad_blocks(dy, x, block_indices, block_size: int, *, out=None, accumulate: bool = False,

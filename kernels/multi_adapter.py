@@ -91,6 +91,18 @@ def _operand(v, CT: tl.constexpr, UPCAST: tl.constexpr):
     return v
 
 
+@triton.jit
+def _tile_tokens(tile_ptr, tok_ptr, pid_t, BLOCK_M: tl.constexpr):
+    """Row ``pid_t`` of the tile table: (adapter slot, first, end) and the tile's token rows."""
+    slot = tl.load(tile_ptr + pid_t * 3)
+    t0 = tl.load(tile_ptr + pid_t * 3 + 1)
+    t1 = tl.load(tile_ptr + pid_t * 3 + 2)
+    offs = t0 + tl.arange(0, BLOCK_M)
+    m_mask = offs < t1
+    tok = tl.load(tok_ptr + offs, mask=m_mask, other=0).to(tl.int64)
+    return slot, t0, t1, tok, m_mask
+
+
 def _block_configs():
     if _triton.INTERPRET:
         return [triton.Config({"KG": 2, "ROWS": 2}, num_warps=4, num_stages=1)]
@@ -113,11 +125,8 @@ def _one_default(default):
     def prune(configs, named_args, **kwargs):
         if AUTOTUNE or len(configs) == 1:
             return configs
-        want, warps, stages = default
-        for c in configs:
-            if c.kwargs == want and c.num_warps == warps and c.num_stages == stages:
-                return [c]
-        return configs[:1]
+        chosen = _triton.matching_config(configs, [default])
+        return [chosen] if chosen is not None else configs[:1]
 
     return prune
 
@@ -138,15 +147,9 @@ def _multi_block_kernel(
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """out[tok, o·B:(o+1)·B] += Σ_j x[tok, c_j·B:(c_j+1)·B] · blocks[j]ᵀ over the blocks j of row o of the tile's adapter."""
-    pid_t = tl.program_id(0)
     pid_o = tl.program_id(1)
     CT: tl.constexpr = x_ptr.dtype.element_ty
-    slot = tl.load(tile_ptr + pid_t * 3)
-    t0 = tl.load(tile_ptr + pid_t * 3 + 1)
-    t1 = tl.load(tile_ptr + pid_t * 3 + 2)
-    offs = t0 + tl.arange(0, BLOCK_M)
-    m_mask = offs < t1
-    tok = tl.load(tok_ptr + offs, mask=m_mask, other=0).to(tl.int64)
+    slot, t0, t1, tok, m_mask = _tile_tokens(tile_ptr, tok_ptr, tl.program_id(0), BLOCK_M)
     kk = tl.arange(0, KG * B)
     g = kk // B
     t = kk % B
@@ -221,15 +224,9 @@ def _multi_element_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """out[tok, r] += Σ_k x[tok, col_{r,k}] · val_{r,k} for the BLOCK_N rows r of this program."""
-    pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     CT: tl.constexpr = x_ptr.dtype.element_ty
-    slot = tl.load(tile_ptr + pid_t * 3)
-    t0 = tl.load(tile_ptr + pid_t * 3 + 1)
-    t1 = tl.load(tile_ptr + pid_t * 3 + 2)
-    offs = t0 + tl.arange(0, BLOCK_M)
-    m_mask = offs < t1
-    tok = tl.load(tok_ptr + offs, mask=m_mask, other=0).to(tl.int64)
+    slot, t0, t1, tok, m_mask = _tile_tokens(tile_ptr, tok_ptr, tl.program_id(0), BLOCK_M)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = rows < tl.where(t1 > t0, d_out, 0)  # an empty tile reads nothing
     line = row_ptr_ptr + slot.to(tl.int64) * stride_rp

@@ -269,7 +269,7 @@ if HAS_TRITON:
     def _sample_kernel(a_ptr, b_ptr, meta_ptr, L, n_chunks, keys_ptr,
                        SC: tl.constexpr, CPP: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr,
                        KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
-                    AAL: tl.constexpr, BAL: tl.constexpr):
+                       AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         cid = pid * CPP + tl.arange(0, CPP)
         cm = cid < n_chunks
@@ -322,7 +322,7 @@ if HAS_TRITON:
                           SHIFT: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, MAXL: tl.constexpr,
                           NF: tl.constexpr, GF: tl.constexpr,
                           KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
-                    AAL: tl.constexpr, BAL: tl.constexpr):
+                          AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         lay = _find_layer(meta_ptr, 3, L, pid, MAXL, NF)
         g = tl.load(meta_ptr + lay * NF + 7)
@@ -369,7 +369,7 @@ if HAS_TRITON:
                         blk_nin_ptr, cpos_ptr, bits_ptr,
                         BLOCK: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr, GF: tl.constexpr, BITS: tl.constexpr,
                         KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
-                    AAL: tl.constexpr, BAL: tl.constexpr):
+                        AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         lay = _find_layer(meta_ptr, 3, L, pid, MAXL, NF)
         g = tl.load(meta_ptr + lay * NF + 7)
@@ -477,7 +477,7 @@ if HAS_TRITON:
                       BLOCK: tl.constexpr, MAXL: tl.constexpr, NF: tl.constexpr, GF: tl.constexpr,
                       BITS: tl.constexpr,
                       KIND: tl.constexpr, ADT: tl.constexpr, BDT: tl.constexpr, K16: tl.constexpr,
-                    AAL: tl.constexpr, BAL: tl.constexpr):
+                      AAL: tl.constexpr, BAL: tl.constexpr):
         pid = tl.program_id(0)
         take = tl.load(blk_take_ptr + pid)
         if tl.load(blk_gt_ptr + pid) + take > 0:

@@ -205,13 +205,7 @@ class _LayerPool:
             rows, cols = ids // n_cb, (ids % n_cb).to(torch.int32)
             data = delta.blocks.to(device=self.device, dtype=self.dtype)
             n, offset = int(ids.numel()), self.n_blocks
-            blocks, block_cols = self.blocks, self.block_cols
-            if offset + n > blocks.shape[0]:
-                cap = _new_cap(blocks.shape[0], offset + n)
-                blocks = _grow(blocks, cap, offset)
-                block_cols = _grow(block_cols, cap, offset)
-            blocks[offset: offset + n] = data
-            block_cols[offset: offset + n] = cols
+            blocks, block_cols = _append_at(self.blocks, self.block_cols, offset, data, cols)
             line = _line(rows, self.n_rb, offset, self.device)
             st.update(kind=BLOCK, offset=offset, n=n, blocks=blocks, block_cols=block_cols, line=line)
         else:
@@ -219,13 +213,7 @@ class _LayerPool:
             rows, cols = idx // d_in, (idx % d_in).to(self.col_dtype)
             data = delta.values.to(device=self.device, dtype=self.dtype)
             n, offset = int(idx.numel()), self.n_values
-            values, vcols = self.values, self.cols
-            if offset + n > values.shape[0]:
-                cap = _new_cap(values.shape[0], offset + n)
-                values = _grow(values, cap, offset)
-                vcols = _grow(vcols, cap, offset)
-            values[offset: offset + n] = data
-            vcols[offset: offset + n] = cols
+            values, vcols = _append_at(self.values, self.cols, offset, data, cols)
             line = _line(rows, d_out, offset, self.device)
             st.update(kind=ELEMENT, offset=offset, n=n, values=values, cols=vcols, line=line)
         if offset + n > _INT32_MAX:
@@ -293,6 +281,18 @@ def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     if used:
         new[:used] = t[:used]
     return new
+
+
+def _append_at(data_buf: torch.Tensor, col_buf: torch.Tensor, offset: int, data: torch.Tensor, cols: torch.Tensor):
+    """Write ``data``/``cols`` at ``offset`` of a pool's two parallel buffers, into larger
+    copies when they do not fit (the originals keep what was committed). Returns the buffers."""
+    end = offset + data.shape[0]
+    if end > data_buf.shape[0]:
+        cap = _new_cap(data_buf.shape[0], end)
+        data_buf, col_buf = _grow(data_buf, cap, offset), _grow(col_buf, cap, offset)
+    data_buf[offset:end] = data
+    col_buf[offset:end] = cols
+    return data_buf, col_buf
 
 
 def _grow_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
