@@ -368,16 +368,21 @@ def _fused_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     p_mask = offs_p < P
     m_mask = offs_m < M
-    v = tl.arange(0, B)
+    # A K step covers BLOCK_Q columns in SUB-wide slices, each inside one block column
+    # (SUB = B, or BLOCK_Q when the blocks are wider than the K step).
+    SUB: tl.constexpr = B if B < BLOCK_Q else BLOCK_Q
+    v = tl.arange(0, SUB)
     p_block = offs_p // B
-    inner = (offs_p % B)[:, None] * stride_bp + v[None, :] * stride_bq
+    row_in_block = (offs_p % B)[:, None] * stride_bp
 
     acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
     for q0 in range(0, Q, BLOCK_Q):
-        for s in tl.static_range(BLOCK_Q // B):
-            qb = q0 // B + s
-            offs_q = q0 + s * B + v
+        for s in tl.static_range(BLOCK_Q // SUB):
+            q_start = q0 + s * SUB
+            qb = q_start // B
+            offs_q = q_start + v
             q_mask = offs_q < Q
+            inner = row_in_block + (offs_q % B)[None, :] * stride_bq
             w = tl.load(
                 w_ptr + offs_p[:, None] * stride_wp + offs_q[None, :] * stride_wq,
                 mask=p_mask[:, None] & q_mask[None, :],

@@ -38,22 +38,28 @@ def densify_compact(values: torch.Tensor, indices: torch.Tensor, shape: tuple[in
     return dense.view(shape)
 
 
+def _tile_rows_cols(block_indices: torch.Tensor, d_in: int, bs: int):
+    ids = block_indices.long()
+    return ids // (d_in // bs), ids % (d_in // bs)
+
+
 def densify_blocks(blocks: torch.Tensor, block_indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Dense fp32 ``[d_out, d_in]`` matrix with each ``blocks[i]`` placed at tile ``block_indices[i]``."""
     d_out, d_in = shape
     bs = blocks.shape[-1]
-    n_row, n_col = d_out // bs, d_in // bs
-    tiles = torch.zeros(n_row * n_col, bs, bs, dtype=torch.float32, device=blocks.device)
-    tiles[block_indices.long()] = blocks.float()
-    return tiles.view(n_row, n_col, bs, bs).permute(0, 2, 1, 3).reshape(d_out, d_in)
+    dense = torch.zeros(d_out, d_in, dtype=torch.float32, device=blocks.device)
+    rows, cols = _tile_rows_cols(block_indices, d_in, bs)
+    # Indexing the [rows, B, cols, B] view writes the tiles in place, no permuted copy of the matrix.
+    dense.view(d_out // bs, bs, d_in // bs, bs)[rows, :, cols, :] = blocks.float()
+    return dense
 
 
 def gather_blocks(dense: torch.Tensor, block_indices: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The ``[n, B, B]`` tiles of ``dense`` at flat block ids ``block_indices``."""
+    """The ``[n, B, B]`` tiles of ``dense`` at flat block ids ``block_indices`` (a copy)."""
     d_out, d_in = dense.shape
     bs = block_size
-    tiles = dense.reshape(d_out // bs, bs, d_in // bs, bs).permute(0, 2, 1, 3).reshape(-1, bs, bs)
-    return tiles[block_indices.long()]
+    rows, cols = _tile_rows_cols(block_indices, d_in, bs)
+    return dense.reshape(d_out // bs, bs, d_in // bs, bs)[rows, :, cols, :]
 
 
 def block_sum(scores: torch.Tensor, block_size: int) -> torch.Tensor:

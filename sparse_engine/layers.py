@@ -59,7 +59,7 @@ class SparseAdapterLinear(nn.Module):
         self.register_buffer("indices", None)
         self.mask_ignored = False
         self.score_sink = None
-        self._kernel_aux = None  # per-layer layout of the fixed-phase Triton kernels, built on first use
+        self._kernel_aux = None  # (source tensor, its version, Triton index layout): see _kernel_layout
 
     # ------------------------------------------------------------------ properties
     @property
@@ -106,30 +106,47 @@ class SparseAdapterLinear(nn.Module):
     # --------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.phase == SEARCH:
+            if self.block_size is not None and not self.mask_ignored and self.score_sink is None:
+                impl = ops.kernel_module("block_sparse", self.backend, x)
+                if impl is not ref:
+                    layout = self._kernel_layout(impl, self.mask)
+                    return ops.BlockSearchDeltaLinear.apply(
+                        x, self.base.weight, self.base.bias, self.delta, layout.block_indices, self.block_size,
+                        layout, self.backend,
+                    )
             mask = None if self.mask_ignored else self.mask
             return ops.MaskedDeltaLinear.apply(
                 x, self.base.weight, self.base.bias, self.delta, mask, self.backend, self.score_sink
             )
         if self.indices.numel() == 0:  # dropped layer (layer drop): nothing to add
             return F.linear(x, self.base.weight, self.base.bias)
-        aux = self._fixed_kernel_aux(x)
-        if self.block_size is None:
-            return ops.CompactDeltaLinear.apply(
-                x, self.base.weight, self.base.bias, self.delta, self.indices, aux, self.backend
-            )
-        return ops.BlockDeltaLinear.apply(x, self.base.weight, self.base.bias, self.delta, self.indices, aux, self.backend)
-
-    def _fixed_kernel_aux(self, x: torch.Tensor):
         kind = "masked_delta" if self.block_size is None else "block_sparse"
         impl = ops.kernel_module(kind, self.backend, x)
-        if impl is ref:
-            return None
-        if self._kernel_aux is None:
-            if self.block_size is None:
-                self._kernel_aux = impl.build_compact_layout(self.indices, self.shape)
-            else:
-                self._kernel_aux = impl.build_block_slot_map(self.indices, self.shape, self.block_size)
-        return self._kernel_aux
+        layout = None if impl is ref else self._kernel_layout(impl, self.indices)
+        if self.block_size is None:
+            return ops.CompactDeltaLinear.apply(
+                x, self.base.weight, self.base.bias, self.delta, self.indices, layout, self.backend
+            )
+        return ops.BlockDeltaLinear.apply(
+            x, self.base.weight, self.base.bias, self.delta, self.indices, layout, self.backend
+        )
+
+    def _kernel_layout(self, impl, source: torch.Tensor):
+        """The Triton kernels' index layout of the kept units, built from ``source`` (the
+        fixed-phase ``indices``, or the search-phase ``mask`` of a block-sparse layer) and
+        rebuilt whenever ``source`` is another tensor or was written in place since: after
+        ``set_mask``, ``load_state_dict``, ``.to(device)``."""
+        cached = self._kernel_aux
+        if cached is not None and cached[0] is source and cached[1] == source._version:
+            return cached[2]
+        if self.phase == SEARCH:
+            layout = impl.build_block_layout(self.kept_units(), self.shape, self.block_size)
+        elif self.block_size is None:
+            layout = impl.build_compact_layout(self.indices, self.shape)
+        else:
+            layout = impl.build_block_layout(self.indices, self.shape, self.block_size)
+        self._kernel_aux = (source, source._version, layout)
+        return layout
 
     # ---------------------------------------------------------------- mask control
     def set_mask(self, kept: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ Three storage phases of a layer:
 
 * search phase, element or block: dense fp32 Ŵ + bool mask M (``MaskedDeltaLinear``);
 * fixed phase, element: fp32 values + int32 sorted flat indices (``CompactDeltaLinear``);
-* fixed phase, block: fp32 ``[n, B, B]`` blocks + int32 block ids (``BlockDeltaLinear``).
+* fixed phase, block: fp32 ``[n, B, B]`` blocks + int32 block ids (``BlockDeltaLinear``);
+  with the Triton kernels the block search phase also runs through the block kernels
+  (``BlockSearchDeltaLinear``: the kept tiles of Ŵ gathered per step).
 
 The score pass of Algorithm 1 runs ``MaskedDeltaLinear`` with ``score_sink`` set: its
 backward hands the mask score (computed from dYᵀX) to the sink instead of producing a
@@ -112,27 +114,63 @@ class CompactDeltaLinear(torch.autograd.Function):
 
 
 class BlockDeltaLinear(torch.autograd.Function):
-    """y = x (W + ΔW)ᵀ + b with ΔW as ``[n, B, B]`` blocks at int32 block ids (block fixed phase)."""
+    """y = x (W + ΔW)ᵀ + b with ΔW as ``[n, B, B]`` blocks at int32 block ids (block fixed phase).
+
+    ``layout``: the Triton kernels' ``BlockLayout`` of ``block_indices`` (None for the reference).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, blocks, block_indices, slot_map, backend: str):
+    def forward(ctx, x, weight, bias, blocks, block_indices, layout, backend: str):
         impl = kernel_module("block_sparse", backend, x)
         ctx.save_for_backward(x, weight, blocks, block_indices, bias)
-        ctx.impl, ctx.slot_map = impl, slot_map
-        kwargs = {} if impl is ref else {"slot_map": slot_map}
-        return impl.block_delta_linear(x, weight, blocks, block_indices, bias, **kwargs)
+        ctx.impl, ctx.layout = impl, layout
+        return impl.block_delta_linear(x, weight, blocks, block_indices, bias, **_layout_kwargs(impl, layout))
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, blocks, block_indices, bias = ctx.saved_tensors
-        impl = ctx.impl
-        kwargs = {} if impl is ref else {"slot_map": ctx.slot_map}
-        dy = dy.contiguous()
-        dx = impl.block_grad_input(dy, weight, blocks, block_indices, **kwargs) if ctx.needs_input_grad[0] else None
-        dblocks = None
-        if ctx.needs_input_grad[3]:
-            dblocks = impl.block_grad_blocks(dy, x, block_indices, blocks.shape[-1], **kwargs)
+        dx, dblocks = _block_backward(ctx, dy, x, weight, blocks, block_indices)
         return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), dblocks, None, None, None
+
+
+class BlockSearchDeltaLinear(torch.autograd.Function):
+    """Search phase of a block-sparse layer through the block kernels: y = x (W + Ŵ⊙M)ᵀ + b
+    with M made of whole B×B tiles (``block_indices``, sorted tile ids).
+
+    The kept tiles of the dense Ŵ are gathered into ``[n, B, B]`` blocks (keep-ratio-sized),
+    so forward and dX are the fused block GEMMs and dŴ is the sampled product at the kept
+    tiles only, scattered into a dense gradient that is zero outside the mask (what the
+    masked-dense path gives, for a fraction of the flops).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, block_indices, block_size: int, layout, backend: str):
+        impl = kernel_module("block_sparse", backend, x)
+        blocks = ref.gather_blocks(delta.detach(), block_indices, block_size)
+        ctx.save_for_backward(x, weight, blocks, block_indices, bias)
+        ctx.impl, ctx.layout, ctx.shape = impl, layout, tuple(delta.shape)
+        return impl.block_delta_linear(x, weight, blocks, block_indices, bias, **_layout_kwargs(impl, layout))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, blocks, block_indices, bias = ctx.saved_tensors
+        dx, dblocks = _block_backward(ctx, dy, x, weight, blocks, block_indices)
+        ddelta = None if dblocks is None else ref.densify_blocks(dblocks, block_indices, ctx.shape)
+        return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), ddelta, None, None, None, None
+
+
+def _layout_kwargs(impl, layout):
+    return {} if impl is ref else {"layout": layout}
+
+
+def _block_backward(ctx, dy, x, weight, blocks, block_indices):
+    impl, kwargs = ctx.impl, _layout_kwargs(ctx.impl, ctx.layout)
+    dy = dy.contiguous()
+    dx = impl.block_grad_input(dy, weight, blocks, block_indices, **kwargs) if ctx.needs_input_grad[0] else None
+    dblocks = None
+    if ctx.needs_input_grad[3]:
+        dblocks = impl.block_grad_blocks(dy, x, block_indices, blocks.shape[-1], **kwargs)
+    return dx, dblocks
 
 
 def delta_score(dy, x, delta, score: str, block_size: int | None, backend: str) -> torch.Tensor:

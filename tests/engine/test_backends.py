@@ -1,5 +1,7 @@
 """The engine's layers give the same results through the Triton kernels (CPU interpreter
 here, CUDA where present) as through the PyTorch reference, in every storage phase."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -73,3 +75,74 @@ def test_score_pass_and_selection_match_the_reference(score, block_size):
         kept[backend] = (scores["qkv_proj"], select(scores, {"qkv_proj": layer}, cfg)["qkv_proj"])
     torch.testing.assert_close(kept["triton"][0], kept["reference"][0], rtol=1e-4, atol=1e-4)
     assert torch.equal(kept["triton"][1].cpu(), kept["reference"][1].cpu())
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_kernel_layout_follows_state_dict_loads(block_size):
+    """The cached kernel layout is rebuilt when the kept units change under it
+    (load_state_dict copies new indices / a new mask in place); a stale one gave wrong outputs."""
+    layers = _pair(block_size)
+    units = 48 * 32 if block_size is None else 6
+    first, second = (torch.sort(torch.randperm(units)[: units // 3]).values.to(torch.int32).to(DEVICE) for _ in range(2))
+    x = torch.randn(5, 32, device=DEVICE)
+    donors = _pair(block_size)
+    for layer, donor in zip(layers.values(), donors.values()):
+        donor.delta.data.mul_(-2.0)
+        donor.set_mask(second)
+    phases = ("search", "fixed") if block_size else ("fixed",)
+    for phase in phases:
+        for backend, layer in layers.items():
+            if layer.phase == "search":
+                layer.set_mask(first)
+            if phase == "fixed" and layer.phase == "search":
+                layer.freeze()
+            layer(x)  # builds and caches the layout of `first`
+            donor = donors[backend]
+            if phase == "fixed" and donor.phase == "search":
+                donor.freeze()
+            layer.load_state_dict(donor.state_dict())
+        y_ref, y_tri = (layers[b](x).detach() for b in ("reference", "triton"))
+        torch.testing.assert_close(y_ref, donors["reference"](x).detach())
+        torch.testing.assert_close(y_tri, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_block_search_phase_runs_through_the_block_kernels(monkeypatch):
+    """Block masks train through the block-sparse kernels in the search phase (kept tiles only),
+    not through the dense masked-delta ones, and give the same step as the reference path."""
+    from sparse_engine.kernels import block_sparse, masked_delta
+
+    calls = []
+    for mod, names in ((block_sparse, ("block_delta_linear", "block_grad_input", "block_grad_blocks")),
+                       (masked_delta, ("masked_delta_linear", "masked_delta_grad_input", "masked_delta_grad_delta"))):
+        for name in names:
+            fn = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _name=name, **k: (calls.append(_name), _fn(*a, **k))[1])
+    layers = _pair(16)
+    kept = torch.tensor([1, 4], dtype=torch.int32, device=DEVICE)
+    x, dy = torch.randn(9, 32, device=DEVICE), torch.randn(9, 48, device=DEVICE)
+    results = {}
+    for backend, layer in layers.items():
+        layer.set_mask(kept)
+        results[backend] = _run(layer, x, dy)
+    assert sorted(calls) == ["block_delta_linear", "block_grad_blocks", "block_grad_input"]
+    (y_ref, g_ref), (y_tri, g_tri) = results["reference"], results["triton"]
+    torch.testing.assert_close(y_tri, y_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_tri, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    mask = layers["triton"].mask
+    assert torch.count_nonzero(g_tri[1][~mask]) == 0 and torch.count_nonzero(g_tri[1][mask]) > 0
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_fixed_phase_keeps_no_weight_sized_fp32_buffer_with_the_kernels(block_size):
+    layer = _pair(block_size, d_out=64, d_in=96)["triton"]
+    units = 64 * 96 if block_size is None else 24
+    layer.set_mask(torch.sort(torch.randperm(units)[: units // 4]).values.to(torch.int32).to(DEVICE))
+    layer.freeze()
+    layer(torch.randn(3, 96, device=DEVICE)).sum().backward()
+    layout = layer._kernel_aux[2]  # a NamedTuple (block) or a dataclass (element)
+    fields = list(layout) if isinstance(layout, tuple) else [getattr(layout, f.name) for f in dataclasses.fields(layout)]
+    held = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False)) + [layer.delta.grad]
+    held += [t for t in fields if torch.is_tensor(t)]
+    for t in held:
+        assert not (t.dtype == torch.float32 and t.numel() >= 64 * 96), (t.dtype, tuple(t.shape))

@@ -204,23 +204,26 @@ def test_strided_inputs_and_fp32_weight_with_fp16_activations():
            dyh.cpu().double() @ (w64 + delta64), torch.float16)
 
 
-def test_block_size_32():
-    d_out, d_in, bs = 64, 96, 32
+@pytest.mark.parametrize("bs", [32, 64])
+def test_larger_block_sizes(bs):
+    """B = 64 is wider than the fused kernel's K step in the interpreter (one block column then
+    takes several K steps); without that handled, the fused outputs came back as zeros."""
+    d_out, d_in = 2 * bs, 3 * bs
     idx = torch.tensor([0, 2, 4], dtype=torch.int32, device=DEV)
     blocks = _blocks(3, bs)
     x, dy, w = _rand(17, d_in, dtype=torch.float32), _rand(17, d_out, dtype=torch.float32), _rand(d_out, d_in, dtype=torch.float32)
     delta64 = _dense64(blocks, idx, (d_out, d_in))
     x64, dy64, w64 = (t.cpu().double() for t in (x, dy, w))
     f32 = torch.float32
-    _check("B32 fwd", bsk.block_delta_matmul(x, blocks, idx, d_out), ref.block_delta_matmul(x, blocks, idx, d_out),
+    _check(f"B{bs} fwd", bsk.block_delta_matmul(x, blocks, idx, d_out), ref.block_delta_matmul(x, blocks, idx, d_out),
            x64 @ delta64.t(), f32)
-    _check("B32 dX", bsk.block_delta_grad_input(dy, blocks, idx, d_in), ref.block_delta_grad_input(dy, blocks, idx, d_in),
+    _check(f"B{bs} dX", bsk.block_delta_grad_input(dy, blocks, idx, d_in), ref.block_delta_grad_input(dy, blocks, idx, d_in),
            dy64 @ delta64, f32)
-    _check("B32 dBlocks", bsk.block_grad_blocks(dy, x, idx, bs), ref.block_grad_blocks(dy, x, idx, bs),
+    _check(f"B{bs} dBlocks", bsk.block_grad_blocks(dy, x, idx, bs), ref.block_grad_blocks(dy, x, idx, bs),
            ref.gather_blocks(dy64.t() @ x64, idx.cpu(), bs), f32)
-    _check("B32 fused", bsk.block_delta_linear(x, w, blocks, idx), ref.block_delta_linear(x, w, blocks, idx),
+    _check(f"B{bs} fused", bsk.block_delta_linear(x, w, blocks, idx), ref.block_delta_linear(x, w, blocks, idx),
            x64 @ (w64 + delta64).t(), f32)
-    _check("B32 fused dX", bsk.block_grad_input(dy, w, blocks, idx), ref.block_grad_input(dy, w, blocks, idx),
+    _check(f"B{bs} fused dX", bsk.block_grad_input(dy, w, blocks, idx), ref.block_grad_input(dy, w, blocks, idx),
            dy64 @ (w64 + delta64), f32)
 
 
