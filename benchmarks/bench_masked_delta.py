@@ -18,7 +18,7 @@ Variants
   floor     F.linear on W alone: W frozen (fwd + dX) and W trainable (fwd + dX + dW)
 
 Without CUDA nothing is timed or recorded: ``--smoke`` runs a tiny correctness pass through
-the Triton interpreter (and builds a SHiRA layer) and exits 0; ``--compile-report`` compiles
+the Triton interpreter (and builds a SHiRA layer) and exits 0; ``--compile-report`` (alias ``--compile-check``, as the other benchmarks) compiles
 every kernel config for sm_90 (no GPU needed) and prints registers / spills / shared memory /
 HGMMA counts from cuobjdump.
 
@@ -38,7 +38,7 @@ from common import append_rows, run_metadata  # benchmarks/common.py (the script
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-COMPILE_REPORT = "--compile-report" in sys.argv
+COMPILE_REPORT = "--compile-report" in sys.argv or "--compile-check" in sys.argv
 if not HAS_CUDA and not COMPILE_REPORT:  # interpreter: must be chosen before any @triton.jit is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -226,6 +226,8 @@ def score_ops(inp, k):
 
 
 def score_bytes(name, d_out, d_in):
+    """Bytes the op writes by its output formats (scores, bit masks, histograms); the rows
+    also carry the measured peak of extra memory next to it."""
     n = d_out * d_in
     return {
         "ours elem fp32": 4 * n,
@@ -426,7 +428,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-record", action="store_true", help="print only; append nothing to the results file")
     p.add_argument("--out", default=RESULTS, help="JSON-lines results file")
     p.add_argument("--smoke", action="store_true", help="tiny correctness pass, no timing (works without CUDA)")
-    p.add_argument("--compile-report", action="store_true",
+    p.add_argument("--compile-report", "--compile-check", action="store_true",
                    help="compile every config for sm_90 (no GPU needed): registers, spills, shared memory, HGMMA")
     args = p.parse_args(argv)
 
@@ -509,6 +511,7 @@ def main(argv=None) -> int:
                     nb = score_bytes(name, d_out, d_in)
                     record(phase="score", op="score", variant=name, ms=ms, peak_extra_mib=peak,
                            bytes_written=nb, bytes_vs_dense_fp32=round(nb / (4 * d_in * d_out), 4),
+                           peak_extra_vs_dense_fp32=None if peak is None else round(peak * 2**20 / (4 * d_in * d_out), 4),
                            tflops=None if ms is None else round(2 * tokens * d_in * d_out / ms / 1e9, 1), note=note, **common)
             if "layout" in inp:
                 lay = inp["layout"]

@@ -25,7 +25,7 @@ class SparseAdapterConfig:
     update_interval: optimizer steps between mask updates during the mask epochs.
     mask_epochs: epochs during which the mask is updated; it is frozen afterwards.
     layer_drop: one global top-k over all layers (Eq. 5-6) instead of k per layer;
-        layers left with nothing above the threshold stop training.
+        layers left with nothing above the threshold stop training. Not with ``gd``.
     seed: seed of anything random in the adapter (none today: Ŵ starts at zero).
     backend: ``auto`` (Triton on CUDA tensors, the PyTorch reference on CPU),
         ``triton`` or ``reference``.
@@ -58,6 +58,9 @@ class SparseAdapterConfig:
             raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.layer_drop and self.score == "gd":
+            raise ValueError("layer_drop ranks one score over all layers; gd drops and grows within each layer "
+                             "(use mcs, snip, gm or wm with layer_drop)")
         for name in ("update_interval", "mask_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

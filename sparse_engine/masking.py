@@ -3,6 +3,8 @@
 * ``compute_scores``: the extra forward/backward of the current batch with the mask
   ignored (loss of W + Ŵ); each layer's backward hands its score (from dYᵀX) to a sink,
   so no dense gradient lands in ``.grad`` and no other parameter's gradient is touched.
+* ``update_masks``: element layers on the Triton kernels (per-layer k) select their top k
+  inside the score pass (histogram + select passes over dYᵀX): no dense score is written.
 * ``select``: exactly k units kept per layer (k = keep_ratio·d_out·d_in elements, or
   keep_ratio·d_out·d_in/B² tiles), ties broken by the lower flat index; with layer drop
   one global threshold over every layer's scores keeps k = Σ k_l units overall (Eq. 5-6).
@@ -66,31 +68,74 @@ def compute_scores(
     ``loss_fn`` runs the forward of the current batch and returns the loss; it is called
     once, with every adapter's mask ignored. For ``gd`` the score is |g| (the grow score).
     """
+    return _score_pass(model, layers, loss_fn, config, {})[0]
+
+
+def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
+    """The score pass: (dense scores, kept units of the layers in ``direct_ks``).
+
+    A layer in ``direct_ks`` that runs once in the forward gets its top ``direct_ks[name]``
+    elements selected inside its backward by ``ops.delta_score_topk`` (histogram and select
+    passes over dYᵀX, no dense score); one that runs more than once (a shared module) needs
+    its scores summed over the calls and falls back to the dense score.
+    """
     search = {n: l for n, l in layers.items() if l.phase != FIXED}
     kind = "gm" if config.score == "gd" else config.score
     scores: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    forward_calls = dict.fromkeys(search, 0)
 
     def sink_for(name: str, layer: SparseAdapterLinear):
         def sink(dy, x):
+            if name in direct_ks and forward_calls[name] == 1:
+                units = ops.delta_score_topk(dy, x, layer.delta.detach(), direct_ks[name], kind, layer.backend)
+                if units.numel() < direct_ks[name]:  # NaN scores are never selected
+                    raise FloatingPointError(f"NaN in the mask score of {name}")
+                kept[name] = units
+                return
             s = ops.delta_score(dy, x, layer.delta.detach(), kind, layer.block_size, layer.backend)
             scores[name] = s if name not in scores else scores[name] + s
 
         return sink
 
+    def count_call(name):
+        def hook(module, args, output):
+            forward_calls[name] += 1
+
+        return hook
+
     if kind == "wm":
-        return {n: ref.delta_score(None, None, l.delta.detach(), "wm", l.block_size) for n, l in search.items()}
-    with score_mode(model, search, {n: sink_for(n, l) for n, l in search.items()}):
-        loss = loss_fn()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss of the score pass is {loss.item()}; training has diverged")
-        loss.backward()
-    missing = set(search) - set(scores)
+        return {n: ref.delta_score(None, None, l.delta.detach(), "wm", l.block_size) for n, l in search.items()}, {}
+    hooks = [layer.register_forward_hook(count_call(name)) for name, layer in search.items()]
+    try:
+        with score_mode(model, search, {n: sink_for(n, l) for n, l in search.items()}):
+            loss = loss_fn()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss of the score pass is {loss.item()}; training has diverged")
+            loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    missing = set(search) - set(scores) - set(kept)
     if missing:
         raise RuntimeError(f"the score pass did not reach adapter layers {sorted(missing)[:3]}")
     for name, s in scores.items():
         if torch.isnan(s).any():
             raise FloatingPointError(f"NaN in the mask score of {name}")
-    return scores
+    return scores, kept
+
+
+def _selects_in_the_score_pass(layer: SparseAdapterLinear, config: SparseAdapterConfig) -> bool:
+    """Element layers on the Triton kernels with a per-layer k pick their top k in the score
+    pass itself; the rest (block tiles, layer drop's global k, ``gd``/``wm``, the reference
+    backend) go through dense scores and ``select``."""
+    return (
+        layer.block_size is None
+        and layer.phase != FIXED
+        and not config.layer_drop
+        and config.score in ("mcs", "snip", "gm")
+        and ops.use_triton(layer.backend, layer.delta)
+    )
 
 
 def _topk_impl(config: SparseAdapterConfig, tensor: torch.Tensor):
@@ -102,32 +147,62 @@ def select(
     layers: dict[str, SparseAdapterLinear],
     config: SparseAdapterConfig,
 ) -> dict[str, torch.Tensor]:
-    """int32 sorted kept units per layer (elements, or tiles when block-sparse)."""
-    names = list(scores)
+    """int32 sorted kept units per layer (elements, or tiles when block-sparse).
+
+    Layer drop's global ties go to the earlier layer in ``layers``' (model) order, whatever
+    order the scores were produced in (the score pass fills them in backward order).
+    """
+    names = [n for n in layers if n in scores]
+    if len(names) != len(scores):
+        raise KeyError(f"scores for layers that are not adapted: {sorted(set(scores) - set(names))[:3]}")
     if not names:
         return {}
-    if config.score == "gd":
-        return {n: _grow_and_drop(scores[n], layers[n], config) for n in names}
     impl = _topk_impl(config, scores[names[0]])
+    if config.score == "gd":
+        return _grow_and_drop({n: scores[n] for n in names}, layers, config, impl)
     ks = [config.kept_count(*layers[n].shape) for n in names]
     tensors = [scores[n] for n in names]
     kept = impl.topk_global(tensors, sum(ks)) if config.layer_drop else impl.topk_per_layer(tensors, ks)
     return dict(zip(names, kept))
 
 
-def _grow_and_drop(grow_score: torch.Tensor, layer: SparseAdapterLinear, config: SparseAdapterConfig) -> torch.Tensor:
-    k = config.kept_count(*layer.shape)
-    n_keep = k - int(math.floor(GD_REGROW_FRACTION * k))
-    weight_mag = ref.delta_score(None, None, layer.delta.detach(), "wm", layer.block_size)
-    current = torch.zeros(weight_mag.numel(), dtype=torch.bool, device=weight_mag.device)
-    current[layer.kept_units().long()] = True
-    drop_score = torch.where(current, weight_mag.reshape(-1), torch.full_like(weight_mag.reshape(-1), -math.inf))
-    kept = ref.topk_flat_indices(drop_score, min(n_keep, int(current.sum()))).long()
-    chosen = torch.zeros_like(current)
-    chosen[kept] = True
-    grow = torch.where(chosen, torch.full_like(drop_score, -math.inf), grow_score.reshape(-1).float())
-    grown = ref.topk_flat_indices(grow, k - kept.numel()).long()
-    return torch.sort(torch.cat([kept, grown])).values.to(torch.int32)
+def _select_by_weight_magnitude(layers: dict[str, SparseAdapterLinear], config: SparseAdapterConfig):
+    """``wm``: top k of |Ŵ| straight from Ŵ (the Triton top-k computes |Ŵ| on the fly)."""
+    names = list(layers)
+    deltas = [layers[n].delta.detach() for n in names]
+    ks = [config.kept_count(*layers[n].shape) for n in names]
+    impl = _topk_impl(config, deltas[0])
+    per_layer, global_k = (None, sum(ks)) if config.layer_drop else (ks, None)
+    kept = impl.topk_from_delta_grad(deltas, None, "wm", ks=per_layer, global_k=global_k, block_size=config.block_size)
+    return dict(zip(names, kept))
+
+
+def _grow_and_drop(grow_scores: dict[str, torch.Tensor], layers, config: SparseAdapterConfig, impl):
+    """``gd``, all layers in two batched top-k calls: keep n_keep of each current mask by |Ŵ|,
+    then grow the rest of k by |g| among the entries not kept (NaN marks the excluded ones:
+    the top-k never selects NaN)."""
+    names = list(grow_scores)
+    ks = [config.kept_count(*layers[n].shape) for n in names]
+    drop_scores, currents = [], []
+    for name in names:
+        layer = layers[name]
+        weight_mag = ref.delta_score(None, None, layer.delta.detach(), "wm", layer.block_size).reshape(-1)
+        current = torch.zeros(weight_mag.numel(), dtype=torch.bool, device=weight_mag.device)
+        current[layer.kept_units().long()] = True
+        currents.append(current)
+        drop_scores.append(weight_mag.masked_fill(~current, math.nan))
+    n_keep = [min(k - int(math.floor(GD_REGROW_FRACTION * k)), int(c.sum())) for k, c in zip(ks, currents)]
+    survivors = impl.topk_per_layer(drop_scores, n_keep)
+    grow = []
+    for name, kept in zip(names, survivors):
+        score = grow_scores[name].reshape(-1).float().clone()
+        score[kept.long()] = math.nan
+        grow.append(score)
+    grown = impl.topk_per_layer(grow, [k - kept.numel() for k, kept in zip(ks, survivors)])
+    return {
+        name: torch.sort(torch.cat([kept, new])).values.to(torch.int32)
+        for name, kept, new in zip(names, survivors, grown)
+    }
 
 
 def _clear_state_outside(optimizer, param: torch.Tensor, keep: torch.Tensor) -> None:
@@ -151,8 +226,13 @@ def apply_masks(layers: dict[str, SparseAdapterLinear], kept: dict[str, torch.Te
 
 def update_masks(model, layers, loss_fn, config: SparseAdapterConfig, optimizer=None) -> dict[str, int]:
     """One mask update of Algorithm 1; returns the kept units per layer."""
-    scores = compute_scores(model, layers, loss_fn, config)
-    kept = select(scores, layers, config)
+    search = {n: l for n, l in layers.items() if l.phase != FIXED}
+    if config.score == "wm":  # no gradient needed
+        kept = _select_by_weight_magnitude(search, config) if search else {}
+    else:
+        direct_ks = {n: config.kept_count(*l.shape) for n, l in search.items() if _selects_in_the_score_pass(l, config)}
+        scores, kept = _score_pass(model, layers, loss_fn, config, direct_ks)
+        kept.update(select(scores, layers, config))
     apply_masks(layers, kept, optimizer)
     return {n: int(k.numel()) for n, k in kept.items()}
 

@@ -177,3 +177,10 @@ def delta_score(dy, x, delta, score: str, block_size: int | None, backend: str) 
     """Mask score from dYᵀX, per element or per B×B tile (see ``reference.delta_score``)."""
     impl = kernel_module("masked_delta", backend, x)
     return impl.delta_score(dy, x, delta, score, block_size)
+
+
+def delta_score_topk(dy, x, delta, k: int, score: str, backend: str) -> torch.Tensor:
+    """int32 sorted flat indices of the ``k`` largest element scores; the Triton version
+    writes no dense score (see ``masked_delta.delta_score_topk``)."""
+    impl = kernel_module("masked_delta", backend, x)
+    return impl.delta_score_topk(dy, x, delta, k, score)

@@ -146,3 +146,70 @@ def test_fixed_phase_keeps_no_weight_sized_fp32_buffer_with_the_kernels(block_si
     held += [t for t in fields if torch.is_tensor(t)]
     for t in held:
         assert not (t.dtype == torch.float32 and t.numel() >= 64 * 96), (t.dtype, tuple(t.shape))
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_element_mask_update_selects_inside_the_score_pass(monkeypatch, calls):
+    """With the kernels, an element layer's mask update writes no dense score (top k picked by
+    the histogram/select passes in its backward); a layer run twice per forward needs summed
+    scores and takes the dense path. Either way the masks equal the reference's."""
+    from sparse_engine.kernels import masked_delta
+    from sparse_engine.masking import update_masks
+
+    used = []
+    for name in ("delta_score", "delta_score_topk"):
+        fn = getattr(masked_delta, name)
+        monkeypatch.setattr(masked_delta, name, lambda *a, _fn=fn, _name=name, **k: (used.append(_name), _fn(*a, **k))[1])
+    layers = _pair(None)
+    x = torch.randn(9, 32, device=DEVICE)
+    t = torch.randn(9, 48, device=DEVICE)
+    masks = {}
+    for backend, layer in layers.items():
+        cfg = SparseAdapterConfig(keep_ratio=0.25, backend=backend)
+        model = nn.ModuleDict({"qkv_proj": layer})
+        loss = lambda: sum((layer(x) * t).sum() for _ in range(calls))  # noqa: E731
+        update_masks(model, {"qkv_proj": layer}, loss, cfg)
+        masks[backend] = layer.mask.clone()
+    assert used == (["delta_score_topk"] if calls == 1 else ["delta_score", "delta_score"])
+    assert torch.equal(masks["triton"], masks["reference"])
+    assert int(masks["triton"].sum()) == SparseAdapterConfig(keep_ratio=0.25).kept_count(48, 32)
+
+
+@pytest.mark.parametrize("score,layer_drop,block_size", [
+    ("wm", False, None), ("wm", True, 16), ("gd", False, None), ("gd", False, 16),
+    ("mcs", True, None), ("snip", True, 16),
+])
+def test_mask_updates_over_several_layers_match_the_reference(score, layer_drop, block_size):
+    """update_masks with the kernels (batched top-k, fused |Ŵ|, grow-and-drop through the
+    top-k launcher, layer drop's global threshold) keeps the same units as the reference."""
+    from sparse_engine.masking import update_masks
+
+    torch.manual_seed(1)
+    shapes = [(48, 32), (32, 64), (16, 16)]
+    x = {s: torch.randn(6, s[1], device=DEVICE) for s in shapes}
+    t = {s: torch.randn(6, s[0], device=DEVICE) for s in shapes}
+    deltas = [torch.randn(*s, device=DEVICE) * (i + 1) for i, s in enumerate(shapes)]
+    masks = {}
+    for backend in ("reference", "triton"):
+        cfg = SparseAdapterConfig(keep_ratio=0.25, block_size=block_size, score=score, layer_drop=layer_drop,
+                                  backend=backend)
+        layers = {}
+        for i, s in enumerate(shapes):
+            torch.manual_seed(10 + i)
+            layer = SparseAdapterLinear(nn.Linear(s[1], s[0]).to(DEVICE), cfg, f"l{i}")
+            layer.delta.data.copy_(deltas[i])
+            layers[f"l{i}"] = layer
+        if score == "gd":  # grow-and-drop starts from a current mask
+            for layer in layers.values():
+                n_units = layer._unit_grid()[0] * layer._unit_grid()[1]
+                layer.set_mask(torch.arange(0, n_units, 2, dtype=torch.int32, device=DEVICE))
+        model = nn.ModuleDict(layers)
+        loss = lambda: sum((layers[f"l{i}"](x[s]) * t[s]).sum() for i, s in enumerate(shapes))  # noqa: E731
+        update_masks(model, layers, loss, cfg)
+        masks[backend] = [layers[f"l{i}"].mask.clone() for i in range(len(shapes))]
+    for got, want in zip(masks["triton"], masks["reference"]):
+        assert torch.equal(got, want)
+    total = sum(int(m.sum()) for m in masks["triton"])
+    per_layer = [SparseAdapterConfig(keep_ratio=0.25, block_size=block_size).kept_count(*s) * (block_size or 1) ** 2
+                 for s in shapes]
+    assert total == sum(per_layer)

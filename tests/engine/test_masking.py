@@ -173,3 +173,23 @@ def test_freeze_carries_the_kept_adam_moments_and_drops_the_dense_state():
     (model(x) * t).sum().backward()
     opt.step()  # the optimizer keeps working on the compact parameter
     assert new.grad.shape == new.shape
+
+
+def test_layer_drop_ties_go_to_the_earlier_layer_in_model_order():
+    """The score pass fills scores in backward order (last layer first); global ties must
+    still favour the earlier layer of the model (layer order, then flat index)."""
+    cfg = SparseAdapterConfig(keep_ratio=0.1, layer_drop=True)
+    model = tiny_phi3()
+    attach(model, cfg)
+    layers = adapter_layers(model)
+    names = list(layers)
+    backward_order = {n: torch.ones(192, 64) for n in reversed(names)}  # all tied
+    kept = select(backward_order, layers, cfg)
+    total = 2 * round(0.1 * 192 * 64)
+    assert kept[names[0]].numel() == total and kept[names[1]].numel() == 0
+    assert torch.equal(kept[names[0]], torch.arange(total, dtype=torch.int32))
+
+
+def test_grow_and_drop_cannot_be_combined_with_layer_drop():
+    with pytest.raises(ValueError, match="layer_drop"):
+        SparseAdapterConfig(score="gd", layer_drop=True)

@@ -323,13 +323,32 @@ def test_topk_all_zero_scores_and_nan():
         assert torch.equal(md.delta_score_topk(dy, x, nan_delta, k, "wm"), ref.topk_flat_indices(s, min(k, s.numel())))
 
 
-def test_score_bytes_budget():
-    """Per-tile mode and the select pass write at most 1/8 of a dense fp32 gradient."""
-    d_out, d_in = 64, 96
-    dense = d_out * d_in * 4
-    block = (d_out // 16) * (d_in // 16) * 4
-    gt_words = d_out * ((d_in + 31) // 32) * 4
-    assert block <= dense / 8 and 2 * gt_words <= dense / 8
+def test_score_outputs_fit_an_eighth_of_a_dense_gradient():
+    """What the score pass writes per layer (tile scores, or the select pass's two bit masks)
+    is at most 1/8 of a dense fp32 gradient; the histograms are a fixed 2 × 256 KiB."""
+    x, _, delta, _, dy = _setup((37,), 96, 64, torch.float32)
+    dense_bytes = 4 * delta.numel()
+    tiles = md.delta_score(dy, x, delta, "mcs", 16)
+    gt, eq = md.score_select(dy, x, delta, 0, "mcs")
+    hist = md.score_histogram(dy, x, delta, "mcs")
+    assert tiles.nbytes <= dense_bytes / 8
+    assert gt.nbytes + eq.nbytes <= dense_bytes / 8
+    assert hist.nbytes == 4 * 65536
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 16])
+def test_set_bit_positions_lists_the_bits_in_order(monkeypatch, chunk):
+    monkeypatch.setattr(md, "_UNPACK_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(3)
+    for rows, d_in in ((5, 70), (1, 32), (4, 1), (0, 40)):
+        n_words = (d_in + 31) // 32
+        words = torch.randint(-(2**31), 2**31 - 1, (rows, n_words), generator=gen, dtype=torch.int64)
+        words[words % 3 == 0] = 0  # empty words between full ones
+        words = words.to(torch.int32).to(DEV)
+        expected = md.unpack_bits(words, d_in).flatten().nonzero().flatten()
+        assert torch.equal(md.set_bit_positions(words, d_in), expected)
+        for limit in (0, 1, 7, expected.numel() + 5):
+            assert torch.equal(md.set_bit_positions(words, d_in, limit=limit), expected[:limit])
 
 
 # --------------------------------------------------------------------------- bad input
