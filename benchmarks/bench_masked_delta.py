@@ -454,6 +454,8 @@ def main(argv=None) -> int:
     def record(**kw):
         row = dict(meta, **kw)
         rows.append(row)
+        if not args.no_record:  # row by row: a run cut off by a time limit keeps what it measured
+            append_rows(args.out, [row], quiet=True)
         ms = row.get("ms")
         print(f"{row['phase']:6s} {row['op']:8s} T={row['tokens']:<6d} keep={row['keep']:<5} {row['variant']:42s} "
               f"{ms if ms is None else round(ms, 3)!s:>9} ms  {row.get('tflops') or '':>7} TF/s  "
@@ -522,10 +524,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
 
     _summary(rows)
-    if args.no_record:
-        print("(--no-record: nothing appended)")
-    else:
-        append_rows(args.out, rows)
+    print("(--no-record: nothing appended)" if args.no_record else f"appended {len(rows)} rows to {args.out}")
     return 0
 
 

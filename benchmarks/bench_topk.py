@@ -366,12 +366,14 @@ def main(argv=None) -> int:
                             row["speedup_vs_topk"] = round(row["topk_ms"] / row["ours_ms"], 2)
                     rows.append(row)
                     _print_row(row, args.methods)
+                    if not args.no_record:  # row by row: a run cut off by a time limit keeps what it measured
+                        append_rows(args.out, [row], quiet=True)
             del layers
             torch.cuda.empty_cache()
         del deltas, grads
         torch.cuda.empty_cache()
     if not args.no_record:
-        append_rows(args.out, rows)
+        print(f"appended {len(rows)} rows to {args.out}")
     return 0
 
 

@@ -52,13 +52,14 @@ def run_metadata(bench: str, **extra) -> dict:
     )
 
 
-def append_rows(path: str, rows: list[dict]) -> None:
+def append_rows(path: str, rows: list[dict], *, quiet: bool = False) -> None:
     """Append JSON lines to ``path`` (created with its folder if missing)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(f"appended {len(rows)} rows to {path}")
+    if not quiet:
+        print(f"appended {len(rows)} rows to {path}")
 
 
 def sm90_compile_check(jobs, divisible16=()) -> int:

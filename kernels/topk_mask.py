@@ -570,6 +570,8 @@ def _pow2(n: int) -> int:
 
 
 def _check_k(k, n: int, what: str) -> int:
+    if isinstance(k, bool):  # operator.index(True) is 1: a flag passed by mistake
+        raise TypeError(f"{what} must be an int, got bool")
     try:
         k = operator.index(k)
     except TypeError:
@@ -999,6 +1001,8 @@ def _fused_source(deltas, grads, score: str, block_size):
                 raise ValueError(f"deltas[{i}] has shape {tuple(d.shape)} but grads[{i}] has {tuple(g.shape)}")
     shapes = [tuple(t.shape) for t in ref_list]
     if block_size is not None:
+        if isinstance(block_size, bool):
+            raise TypeError("block_size must be an int or None, got bool")
         try:
             block_size = operator.index(block_size)
         except TypeError:

@@ -192,10 +192,22 @@ def test_empty_layers():
 
 
 def test_determinism_across_runs():
+    """Same selection on every run, in every mode (the passes use atomics on a GPU)."""
     layers = [_tie_layers()[5], _rand_layers()[3]]
     ks = [999, 2000]
-    _same(tk.topk_per_layer(layers, ks, config=SUB), tk.topk_per_layer(layers, ks, config=SUB))
-    _same(tk.topk_global(layers, 4321, config=SUB), tk.topk_global(layers, 4321, config=SUB))
+    gen = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(48, 32, generator=gen).to(DEV), torch.randn(16, 64, generator=gen).to(DEV)]
+    grads = [torch.randn(48, 32, generator=gen).to(DEV), torch.randn(16, 64, generator=gen).to(DEV)]
+    runs = {
+        "per-layer": lambda: tk.topk_per_layer(layers, ks, config=SUB),
+        "global": lambda: tk.topk_global(layers, 4321, config=SUB),
+        "fused": lambda: tk.topk_from_delta_grad(deltas, grads, "mcs", ks=[300, 200], config=SUB),
+        "fused global block": lambda: tk.topk_from_delta_grad(deltas, grads, "snip", global_k=3, block_size=16),
+    }
+    for run in runs.values():
+        first = run()
+        for _ in range(2):
+            _same(run(), first)
 
 
 def test_default_config_runs():
@@ -384,7 +396,11 @@ def test_bad_inputs():
         tk.topk_global([torch.randn(3, device=DEV).double()], 1)
     with pytest.raises(TypeError, match="int"):
         tk.topk_per_layer(x, [1.5, 1])
+    with pytest.raises(TypeError, match="bool"):
+        tk.topk_per_layer(x, [True, 1])
     d, g = _dg()
+    with pytest.raises(TypeError, match="bool"):
+        tk.topk_from_delta_grad(d, g, ks=[1, 1, 1, 1], block_size=True)
     with pytest.raises(ValueError, match="shape"):
         tk.topk_from_delta_grad(d, [g[1], g[0], g[2], g[3]], ks=[1, 1, 1, 1])
     with pytest.raises(ValueError, match="same length"):
