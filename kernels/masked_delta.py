@@ -86,6 +86,7 @@ memory within H100's 227 KiB. Not yet done: bf16 runs on a device, autotune prun
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -495,7 +496,7 @@ def _acts(t, name: str, width: int | None = None, width_name: str = "") -> torch
         raise ValueError(f"{name} must have at least one dimension [..., features]")
     if width is not None and t.shape[-1] != width:
         raise ValueError(f"{name} has last dim {t.shape[-1]} but {width_name} is {width}")
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # -1 is ambiguous for 0 features
 
 
 def _delta_and_mask(delta, mask, shape):
@@ -743,7 +744,7 @@ def masked_delta_linear(x, weight, delta, mask, bias=None, *, out=None):
     _same_device(x, weight=weight, delta=delta, mask=mask, bias=bias)
     _usable(x)
     y = _out(out, (*x.shape[:-1], d_out), x.dtype, x.device)
-    y2 = y.view(-1, d_out)
+    y2 = y.view(x2.shape[0], d_out)
     if d_in == 0:
         return _fill_empty(y) if bias is None else y.copy_(bias.to(y.dtype).expand_as(y))
     parts, mode = _dense_parts(delta, mask_u8)
@@ -763,7 +764,7 @@ def masked_delta_grad_input(dy, weight, delta, mask, *, out=None):
     if d_out == 0:
         return _fill_empty(dx)
     parts, mode = _dense_parts(delta, mask_u8)
-    _launch_dx(dy2, weight, parts, dx.view(-1, d_in), mode)
+    _launch_dx(dy2, weight, parts, dx.view(dy2.shape[0], d_in), mode)
     return dx
 
 
@@ -888,7 +889,7 @@ def compact_delta_linear(x, weight, values, indices, bias=None, layout=None, *, 
     _usable(x)
     y = _out(out, (*x.shape[:-1], d_out), x.dtype, x.device)
     parts, mode = _compact_parts(vals, lay)
-    _launch_fwd(x2, weight, parts, bias, y.view(-1, d_out), mode, lay.n_tiles)
+    _launch_fwd(x2, weight, parts, bias, y.view(x2.shape[0], d_out), mode, lay.n_tiles)
     return y
 
 
@@ -903,7 +904,7 @@ def compact_grad_input(dy, weight, values, indices, layout=None, *, out=None):
     _usable(dy)
     dx = _out(out, (*dy.shape[:-1], d_in), dy.dtype, dy.device)
     parts, mode = _compact_parts(vals, lay)
-    _launch_dx(dy2, weight, parts, dx.view(-1, d_in), mode, lay.n_tiles)
+    _launch_dx(dy2, weight, parts, dx.view(dy2.shape[0], d_in), mode, lay.n_tiles)
     return dx
 
 

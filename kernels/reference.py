@@ -18,6 +18,8 @@ Conventions shared with the Triton launchers:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +30,7 @@ SCORES = ("mcs", "snip", "gm", "wm")
 
 
 def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # -1 is ambiguous for 0 features
 
 
 def densify_compact(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

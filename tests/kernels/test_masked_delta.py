@@ -123,7 +123,7 @@ def test_search_phase_mask_extremes(dtype, mask_kind):
     _check(y, ref.masked_delta_linear, (x, w, delta, mask), dtype, "forward")
     if mask_kind == "empty":  # W alone, bit for bit the same effective weight
         _check(y, lambda a, b: torch.nn.functional.linear(a, b), (x, w), dtype, "forward=W")
-    dx = md.masked_delta_grad_input(dy, w, delta, mask)
+    dx = md.masked_delta_grad_input(dy, w, delta, mask, out=_poison((*tok, d_in), dtype))
     _check(dx, ref.masked_delta_grad_input, (dy, w, delta, mask), dtype, "grad_input")
     gd = md.masked_delta_grad_delta(dy, x, mask, out=_poison((d_out, d_in), torch.float32))
     _check(gd, ref.masked_delta_grad_delta, (dy, x, mask), torch.float32, "grad_delta")
@@ -142,12 +142,31 @@ def test_non_contiguous_operands():
     mask = (torch.rand(53, 29, device=DEV) < 0.4).t()
     dy = _rand(29, 37, dtype=dtype).t()
     bias = _rand(29, dtype=dtype)
-    _check(md.masked_delta_linear(x, w, delta, mask, bias), ref.masked_delta_linear, (x, w, delta, mask, bias), dtype)
-    _check(md.masked_delta_grad_input(dy, w, delta, mask), ref.masked_delta_grad_input, (dy, w, delta, mask), dtype)
-    _check(md.masked_delta_grad_delta(dy, x, mask), ref.masked_delta_grad_delta, (dy, x, mask), dtype)
+    _check(md.masked_delta_linear(x, w, delta, mask, bias, out=_poison((37, 29), dtype)), ref.masked_delta_linear,
+           (x, w, delta, mask, bias), dtype)
+    _check(md.masked_delta_grad_input(dy, w, delta, mask, out=_poison((37, 53), dtype)), ref.masked_delta_grad_input,
+           (dy, w, delta, mask), dtype)
+    _check(md.masked_delta_grad_delta(dy, x, mask, out=_poison((29, 53), torch.float32)),
+           ref.masked_delta_grad_delta, (dy, x, mask), dtype)
     # 3-D activations that cannot be viewed as 2-D (reshape copies)
     x3 = _rand(5, 4, 53, dtype=dtype).transpose(0, 1)
-    _check(md.masked_delta_linear(x3, w, delta, mask), ref.masked_delta_linear, (x3, w, delta, mask), dtype)
+    _check(md.masked_delta_linear(x3, w, delta, mask, out=_poison((4, 5, 29), dtype)), ref.masked_delta_linear,
+           (x3, w, delta, mask), dtype)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(7, 0), (0, 5)])
+def test_zero_width_weights(d_out, d_in):
+    """A weight with no inputs (y = b, or 0) or no outputs (dX = 0) is not an error."""
+    x, dy = _rand(4, 3, d_in), _rand(4, 3, d_out)
+    w, delta = _rand(d_out, d_in), _rand(d_out, d_in)
+    mask = torch.ones(d_out, d_in, dtype=torch.bool, device=DEV)
+    bias = _rand(d_out)
+    for got, fn, args in (
+        (md.masked_delta_linear(x, w, delta, mask, bias), ref.masked_delta_linear, (x, w, delta, mask, bias)),
+        (md.masked_delta_grad_input(dy, w, delta, mask), ref.masked_delta_grad_input, (dy, w, delta, mask)),
+        (md.masked_delta_grad_delta(dy, x, mask), ref.masked_delta_grad_delta, (dy, x, mask)),
+    ):
+        assert torch.equal(got.cpu(), fn(*args).cpu())
 
 
 def test_mixed_weight_dtype():
