@@ -252,6 +252,19 @@ def topk_flat_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(picked).values.to(torch.int32)
 
 
+def kept_masks(indices: list[torch.Tensor], shapes) -> list[torch.Tensor]:
+    """bool masks of the given shapes (each layer's score / tile-grid shape) with the units at
+    the flat ``indices`` (a top-k result) set: one zero fill and one scatter per layer."""
+    if len(indices) != len(shapes):
+        raise ValueError(f"got {len(indices)} index tensors but {len(shapes)} shapes")
+    masks = []
+    for idx, shape in zip(indices, shapes):
+        mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=idx.device)
+        mask[idx.long()] = True
+        masks.append(mask.view(*shape))
+    return masks
+
+
 def topk_per_layer(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
     """Per-layer top-k: ``ks[i]`` kept from ``scores[i]`` (element or tile scores)."""
     if len(scores) != len(ks):

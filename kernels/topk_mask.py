@@ -10,7 +10,9 @@ Public launchers (same results as their twins in ``kernels/reference.py``, bit f
 
 Every function returns, per layer, the int32 sorted flat indices of the kept entries (flat
 element index, flat tile score index, or flat block id ``row_block * (d_in // B) +
-col_block``). Scores may be fp32, fp16 or bf16 tensors of any shape (flattened row-major).
+col_block``); ``kept_masks(indices, shapes)`` turns them into bool masks (a zero fill and a
+scatter of the k indices: the same traffic as writing the masks from the select pass, whose
+unselected blocks would need the zero fill too). Scores may be fp32, fp16 or bf16 tensors of any shape (flattened row-major).
 
 Selection rule (shared with the reference): the k largest; at the threshold value ties go
 to the lower flat index (global mode: lower layer first); +0.0 and -0.0 are equal; NaN is
@@ -101,6 +103,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ._triton import HAS_TRITON, triton_usable_for
+from .reference import kept_masks  # noqa: F401 - part of this module's API (shared with the twin)
 
 SCORES = ("mcs", "snip", "gm", "wm")
 _KIND = {"identity": 0, "mcs": 1, "snip": 2, "gm": 3, "wm": 4}

@@ -423,3 +423,13 @@ def test_bad_inputs():
         tk.topk_from_delta_grad([t.int() for t in d], [t.int() for t in g], ks=[1, 1, 1, 1])
     with pytest.raises(ValueError, match="2-D"):
         tk.topk_from_delta_grad([d[0].reshape(-1)], [g[0].reshape(-1)], ks=[1])
+
+
+def test_kept_masks_mark_exactly_the_selection():
+    layers = [torch.randn(5, 7, device=DEV), torch.randn(0, 3, device=DEV), torch.randn(33, device=DEV)]
+    kept = tk.topk_global(layers, 20)
+    masks = tk.kept_masks(kept, [t.shape for t in layers])
+    for t, idx, m in zip(layers, kept, masks):
+        assert m.shape == t.shape and m.dtype == torch.bool
+        assert torch.equal(m.reshape(-1).nonzero().flatten().to(torch.int32), idx)
+    assert sum(int(m.sum()) for m in masks) == 20
