@@ -40,8 +40,9 @@ are gathered into one ``[BLOCK_M, KG·B]`` operand, the ``KG`` blocks stacked tr
 ``out`` at the tile's token rows (read-modify-write; each output element has exactly one
 owner, so no atomics). Absent blocks are never read. Each adapter's blocks are read once per
 tile of its segment: in decode (one token per row) a segment holds all rows that use the
-adapter, so an adapter used by many rows is still read once per step — the bytes a step
-must read are the base weight plus each *distinct* adapter once.
+adapter and ``BLOCK_M`` is chosen to hold the longest segment (up to 128 rows), so an
+adapter used by many rows is still read once per step — the bytes a step must read are the
+base weight plus each *distinct* adapter once (see "Choice of BLOCK_M" for > 128 rows).
 
 *Element kernel*: one program per (tile, ``BLOCK_N`` output rows), an ELL-style loop over
 the k-th kept entry of each of the ``BLOCK_N`` rows (to the longest row of the group):
@@ -54,8 +55,12 @@ the product, products accumulate in fp32, and the sum is added to ``out`` (read 
 with one rounding to ``out``'s dtype. fp32 operands use IEEE dots. In the Triton interpreter
 bf16 arithmetic is wrong, so bf16 operands are upcast after loading (``UPCAST``).
 
-*Choice of BLOCK_M.* Fixed per call from the mean segment length (16 for decode-like
-batches up to 128 for long segments); ``KG``/``ROWS``/warps/stages are autotuned on the GPU
+*Choice of BLOCK_M.* Fixed per call: the smallest of 16 / 32 / 64 / 128 that holds the
+longest segment (the library knows segment lengths on the host; a direct call without
+``block_m`` reads them back once). So in decode an adapter used by up to 128 rows of the
+batch is one tile and is read once per step; one used by more rows is read once per
+128-row tile (⌈rows/128⌉ times), more than the "each distinct adapter once" bytes the
+benchmark counts as needed. ``KG``/``ROWS``/warps/stages are autotuned on the GPU
 (``SPARSE_ENGINE_AUTOTUNE=0``: one default), and ``out`` is restored between trials. Two
 configs walk 16 or 64 block rows per program with plain (L1-cached) loads, so later rows may
 find the tile's gathered x slices in L1: an untimed alternative for long prefill segments.
@@ -255,11 +260,12 @@ def _multi_element_kernel(
 # ======================================================================== launchers
 
 
-def choose_block_m(n_sel: int, n_seg: int) -> int:
-    """Token tile size from the mean segment length: 16 (decode-like) up to 128 (long prefill segments)."""
-    mean = n_sel / max(1, n_seg)
+def choose_block_m(max_seg_len: int) -> int:
+    """Token tile size from the longest segment: the smallest of 16, 32, 64, 128 that holds it,
+    so every segment of up to 128 tokens is one tile and its adapter is read once; a longer
+    segment is cut into 128-token tiles (read once per tile)."""
     for bm in (16, 32, 64):
-        if mean <= bm:
+        if max_seg_len <= bm:
             return bm
     return 128
 
@@ -319,8 +325,8 @@ def _check_common(x, out, token_order, seg_slots, seg_offsets, row_ptr, n_lines)
 
 
 def _tiles_for(seg_slots, seg_offsets, n_sel, block_m, tiles):
-    if block_m is None:
-        block_m = choose_block_m(n_sel, seg_slots.numel())
+    if block_m is None:  # one host synchronisation; the serving path passes block_m and tiles
+        block_m = choose_block_m(int((seg_offsets[1:] - seg_offsets[:-1]).max()))
     if block_m not in (16, 32, 64, 128):
         raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {block_m}")
     if tiles is None:

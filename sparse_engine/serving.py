@@ -5,12 +5,14 @@
   run time (from adapter files or ``read_adapter`` results), checked against the model
   (layer names, shapes, base fingerprint) before anything changes, with memory accounting.
 * Registering an adapter replaces each target ``nn.Linear`` it names by a
-  :class:`MultiAdapterLinear` (generic module replacement, any HF model): its forward runs
+  :class:`MultiAdapterLinear` (generic module replacement, any HF model; unregistering the
+  last adapter of a layer puts the ``nn.Linear`` back): its forward runs
   the base GEMM once for the whole batch, then adds each token row's sparse delta through
   ``sparse_engine.kernels.multi_adapter`` (Triton on CUDA) or its reference twin (CPU).
 * ``with library.use(["expert_a", None, "expert_b"]):`` sets the per-row assignment of the
   batch (``None`` = base model); ``library.generate(...)`` / ``library.forward(...)`` wrap it.
-  Generation with the KV cache works: every step's forward uses the same assignment.
+  Generation with the KV cache works: every step's forward uses the same assignment; beams
+  and ``num_return_sequences`` keep each input row's adapter on all its expanded rows.
 * :func:`evaluate_routed` scores held-in tasks with each request sent to its own expert, in
   mixed batched passes; :func:`run_routed_eval` is the CLI-free entry point for adapter files.
 
@@ -24,6 +26,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -149,110 +152,145 @@ class _LayerPool:
 
     Block pool ``blocks [cap, B, B]`` + ``block_cols int32``; element pool ``values [cap]`` +
     ``cols`` (int16 when ``d_in < 2**15``); CSR row pointers per slot (absolute offsets),
-    ``blk_ptr [slot_cap, d_out/B + 1]`` and ``el_ptr [slot_cap, d_out + 1]``. Each adapter owns
-    one contiguous extent of its format's pool; unregistering compacts the pool.
+    ``blk_ptr [slot_cap, d_out/B + 1]`` and ``el_ptr [slot_cap, d_out + 1]``. A format's pointer
+    table exists only while the layer holds an adapter of that format (``None`` otherwise): an
+    element table is 4·(d_out + 1) bytes per slot, 37 kB per slot at Phi-3's qkv, and a library
+    of block adapters should not pay it. Each adapter owns one contiguous extent of its format's
+    pool; unregistering compacts the pool. The library drops a pool once it holds no adapter.
     """
 
-    def __init__(self, name: str, shape: tuple[int, int], device, dtype, slot_cap: int):
+    _TABLES: ClassVar[dict[str, str]] = {BLOCK: "blk_ptr", ELEMENT: "el_ptr"}
+    _BUFFERS: ClassVar[dict[str, tuple[str, str]]] = {BLOCK: ("blocks", "block_cols"), ELEMENT: ("values", "cols")}
+    _TENSORS = ("blocks", "block_cols", "values", "cols", "blk_ptr", "el_ptr")
+
+    def __init__(self, name: str, shape: tuple[int, int], device, dtype):
         self.name = name
         self.shape = shape
         self.device = device
         self.dtype = dtype
         d_out, d_in = shape
         bs = SUPPORTED_BLOCK_SIZE
-        self.block_ok = d_out % bs == 0 and d_in % bs == 0
         self.n_rb = d_out // bs
         self.col_dtype = torch.int16 if d_in < 2**15 else torch.int32
-        self.blocks = torch.empty((0, bs, bs), dtype=dtype, device=device)
-        self.block_cols = torch.empty(0, dtype=torch.int32, device=device)
-        self.values = torch.empty(0, dtype=dtype, device=device)
-        self.cols = torch.empty(0, dtype=self.col_dtype, device=device)
         self.n_blocks = 0
         self.n_values = 0
-        self.blk_ptr = torch.zeros((slot_cap, self.n_rb + 1), dtype=torch.int32, device=device)
-        self.el_ptr = torch.zeros((slot_cap, d_out + 1), dtype=torch.int32, device=device)
+        self.blk_ptr: torch.Tensor | None = None
+        self.el_ptr: torch.Tensor | None = None
+        self._empty_buffers(BLOCK)
+        self._empty_buffers(ELEMENT)
         self.extents: dict[int, tuple[str, int, int]] = {}  # slot -> (kind, offset, length)
 
-    # -- accounting
-    def used_bytes(self) -> int:
-        return (self.n_blocks * (SUPPORTED_BLOCK_SIZE**2 * self.blocks.element_size() + 4)
-                + self.n_values * (self.values.element_size() + self.cols.element_size())
-                + _nbytes(self.blk_ptr) + _nbytes(self.el_ptr))
-
-    def reserved_bytes(self) -> int:
-        return sum(_nbytes(t) for t in (self.blocks, self.block_cols, self.values, self.cols, self.blk_ptr, self.el_ptr))
-
-    def extent_bytes(self, slot: int) -> int:
-        """Bytes the slot's delta occupies: values + column ids + its row-pointer line."""
-        kind, _, n = self.extents.get(slot, (None, 0, 0))
+    def _empty_buffers(self, kind: str) -> None:
         if kind == BLOCK:
-            return n * (SUPPORTED_BLOCK_SIZE**2 * self.blocks.element_size() + 4) + (self.n_rb + 1) * 4
-        if kind == ELEMENT:
-            return n * (self.values.element_size() + self.cols.element_size()) + (self.shape[0] + 1) * 4
-        return 0
+            bs = SUPPORTED_BLOCK_SIZE
+            self.blocks = torch.empty((0, bs, bs), dtype=self.dtype, device=self.device)
+            self.block_cols = torch.empty(0, dtype=torch.int32, device=self.device)
+        else:
+            self.values = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.cols = torch.empty(0, dtype=self.col_dtype, device=self.device)
+
+    def table_width(self, kind: str) -> int:
+        return (self.n_rb if kind == BLOCK else self.shape[0]) + 1
+
+    def entry_bytes(self, kind: str) -> int:
+        """Device bytes of one stored entry: a B×B block + its column id, or a value + its column id."""
+        value = _dtype_size(self.dtype)
+        if kind == BLOCK:
+            return SUPPORTED_BLOCK_SIZE**2 * value + 4
+        return value + _dtype_size(self.col_dtype)
+
+    # -- accounting
+    def table_bytes(self) -> int:
+        return sum(_nbytes(t) for t in (self.blk_ptr, self.el_ptr) if t is not None)
+
+    def used_bytes(self) -> int:
+        """Entries in use plus the pointer tables (allocated whole, ``slot_cap`` rows each)."""
+        return (self.n_blocks * self.entry_bytes(BLOCK) + self.n_values * self.entry_bytes(ELEMENT)
+                + self.table_bytes())
+
+    def reserved_bytes(self, replaced: Mapping[str, torch.Tensor] | None = None) -> int:
+        """Every device byte the pool holds; with ``replaced`` (staged tensors), what it would hold."""
+        tensors = {attr: getattr(self, attr) for attr in self._TENSORS}
+        tensors.update(replaced or {})
+        return sum(_nbytes(t) for t in tensors.values() if t is not None)
 
     # -- staging / commit (a failed registration changes nothing visible)
-    def stage(self, slot: int, delta, slot_cap: int) -> dict:
-        """Allocate and write ``delta`` past the used end of the pool; nothing visible changes."""
+    def stage_tables(self, slot_cap: int, kind: str | None = None) -> dict:
+        """New pointer tables for ``slot_cap`` slots: the existing ones grown (copies), and a
+        first, zeroed table for ``kind`` when the layer has no adapter of that format yet."""
+        out = {}
+        for k, attr in self._TABLES.items():
+            table = getattr(self, attr)
+            if table is None:
+                if k == kind:
+                    out[attr] = torch.zeros((slot_cap, self.table_width(k)), dtype=torch.int32, device=self.device)
+            elif table.shape[0] < slot_cap:
+                out[attr] = _grow_rows(table, slot_cap)
+        return out
+
+    def stage(self, slot: int, delta, slot_cap: int, exact: bool = False) -> dict:
+        """Allocate and write ``delta`` past the used end of the pool; nothing visible changes.
+
+        ``exact``: grow buffers to exactly what is needed (no 1.5× headroom)."""
         d_out, d_in = self.shape
-        st = {"pool": self, "slot": slot}
-        if slot_cap > self.blk_ptr.shape[0]:
-            st["blk_ptr"] = _grow_rows(self.blk_ptr, slot_cap)
-            st["el_ptr"] = _grow_rows(self.el_ptr, slot_cap)
-        if isinstance(delta, BlockSparseDelta):
+        kind = BLOCK if isinstance(delta, BlockSparseDelta) else ELEMENT
+        tensors = self.stage_tables(slot_cap, kind)
+        if kind == BLOCK:
             ids = delta.block_indices.to(self.device).long()
             n_cb = d_in // SUPPORTED_BLOCK_SIZE
             rows, cols = ids // n_cb, (ids % n_cb).to(torch.int32)
             data = delta.blocks.to(device=self.device, dtype=self.dtype)
-            n, offset = int(ids.numel()), self.n_blocks
-            blocks, block_cols = _append_at(self.blocks, self.block_cols, offset, data, cols)
+            offset = self.n_blocks
             line = _line(rows, self.n_rb, offset, self.device)
-            st.update(kind=BLOCK, offset=offset, n=n, blocks=blocks, block_cols=block_cols, line=line)
         else:
             idx = delta.indices.to(self.device).long()
             rows, cols = idx // d_in, (idx % d_in).to(self.col_dtype)
             data = delta.values.to(device=self.device, dtype=self.dtype)
-            n, offset = int(idx.numel()), self.n_values
-            values, vcols = _append_at(self.values, self.cols, offset, data, cols)
+            offset = self.n_values
             line = _line(rows, d_out, offset, self.device)
-            st.update(kind=ELEMENT, offset=offset, n=n, values=values, cols=vcols, line=line)
+        n = int(data.shape[0])
         if offset + n > _INT32_MAX:
             raise ValueError(f"layer {self.name}: the pool would exceed 2**31 entries")
-        return st
+        data_attr, col_attr = self._BUFFERS[kind]
+        tensors[data_attr], tensors[col_attr] = _append_at(getattr(self, data_attr), getattr(self, col_attr), offset,
+                                                           data, cols, exact)
+        return {"pool": self, "slot": slot, "kind": kind, "offset": offset, "n": n, "line": line, "tensors": tensors}
 
     def commit(self, st: dict) -> None:
-        if "blk_ptr" in st:
-            self.blk_ptr, self.el_ptr = st["blk_ptr"], st["el_ptr"]
-        slot, n = st["slot"], st["n"]
-        if st["kind"] == BLOCK:
-            self.blocks, self.block_cols = st["blocks"], st["block_cols"]
+        """Swap in the staged tensors; for an adapter's staging, publish its row-pointer line."""
+        for attr, tensor in st["tensors"].items():
+            setattr(self, attr, tensor)
+        if "slot" not in st:  # only pointer tables grown for more slots
+            return
+        slot, n, kind = st["slot"], st["n"], st["kind"]
+        if kind == BLOCK:
             self.n_blocks += n
-            self.blk_ptr[slot].copy_(st["line"])
         else:
-            self.values, self.cols = st["values"], st["cols"]
             self.n_values += n
-            self.el_ptr[slot].copy_(st["line"])
-        self.extents[slot] = (st["kind"], st["offset"], n)
-
-    def grow_slots(self, slot_cap: int) -> None:
-        if slot_cap > self.blk_ptr.shape[0]:
-            self.blk_ptr = _grow_rows(self.blk_ptr, slot_cap)
-            self.el_ptr = _grow_rows(self.el_ptr, slot_cap)
+        getattr(self, self._TABLES[kind])[slot].copy_(st["line"])
+        self.extents[slot] = (kind, st["offset"], n)
 
     def remove(self, slot: int) -> None:
-        """Drop the slot's extent and compact its pool (later extents move down)."""
-        kind, offset, n = self.extents.pop(slot, (None, 0, 0))
+        """Drop the slot's extent and compact its pool (later extents move down); the format's
+        buffers and pointer table are freed when no adapter of that format is left."""
+        kind, offset, n = self.extents.pop(slot)
+        data_attr, col_attr = self._BUFFERS[kind]
+        table = getattr(self, self._TABLES[kind])
+        used = self.n_blocks if kind == BLOCK else self.n_values
+        data, cols, used = self._compact((getattr(self, data_attr), getattr(self, col_attr)), used, offset, n, table)
+        setattr(self, data_attr, data)
+        setattr(self, col_attr, cols)
         if kind == BLOCK:
-            self.blocks, self.block_cols, self.n_blocks = self._compact(
-                (self.blocks, self.block_cols), self.n_blocks, offset, n, self.blk_ptr)
-            self.blk_ptr[slot].zero_()
-        elif kind == ELEMENT:
-            self.values, self.cols, self.n_values = self._compact(
-                (self.values, self.cols), self.n_values, offset, n, self.el_ptr)
-            self.el_ptr[slot].zero_()
+            self.n_blocks = used
+        else:
+            self.n_values = used
+        table[slot].zero_()
         for s, (k, off, m) in list(self.extents.items()):
             if k == kind and off >= offset + n and n:
                 self.extents[s] = (k, off - n, m)
+        if not any(k == kind for k, _, _ in self.extents.values()):
+            setattr(self, self._TABLES[kind], None)
+            self._empty_buffers(kind)
 
     @staticmethod
     def _compact(arrays, used, offset, n, table):
@@ -265,11 +303,36 @@ class _LayerPool:
         table.sub_(torch.where(table >= offset + n, n, 0).to(table.dtype))
         return (*arrays, used - n)
 
-    def shrink_to_fit(self) -> None:
+    def shrink_to_fit(self, slot_cap: int) -> None:
+        """Buffers down to the entries in use, pointer tables down to ``slot_cap`` rows."""
         self.blocks = self.blocks[: self.n_blocks].clone()
         self.block_cols = self.block_cols[: self.n_blocks].clone()
         self.values = self.values[: self.n_values].clone()
         self.cols = self.cols[: self.n_values].clone()
+        for attr in self._TABLES.values():
+            table = getattr(self, attr)
+            if table is not None and table.shape[0] > slot_cap:
+                setattr(self, attr, table[:slot_cap].clone())
+
+    # -- snapshots (AdapterLibrary.load_dir rolls back to one)
+    def snapshot(self) -> dict:
+        state = {attr: getattr(self, attr) for attr in self._TENSORS}
+        state.update(n_blocks=self.n_blocks, n_values=self.n_values, extents=dict(self.extents))
+        return state
+
+    def restore(self, state: Mapping, freed_slots: Iterable[int]) -> None:
+        """Back to ``state``. Entries written past the used ends since then are invisible; the
+        pointer-table rows of ``freed_slots`` (slots taken since the snapshot) are zeroed, since
+        tables not grown since were written in place."""
+        for attr, value in state.items():
+            setattr(self, attr, dict(value) if attr == "extents" else value)
+        for attr in self._TABLES.values():
+            table = getattr(self, attr)
+            if table is None:
+                continue
+            for slot in freed_slots:
+                if slot < table.shape[0]:
+                    table[slot].zero_()
 
 
 def _new_cap(cap: int, need: int) -> int:
@@ -283,12 +346,14 @@ def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     return new
 
 
-def _append_at(data_buf: torch.Tensor, col_buf: torch.Tensor, offset: int, data: torch.Tensor, cols: torch.Tensor):
+def _append_at(data_buf: torch.Tensor, col_buf: torch.Tensor, offset: int, data: torch.Tensor, cols: torch.Tensor,
+               exact: bool = False):
     """Write ``data``/``cols`` at ``offset`` of a pool's two parallel buffers, into larger
-    copies when they do not fit (the originals keep what was committed). Returns the buffers."""
+    copies when they do not fit (the originals keep what was committed; ``exact``: copies of
+    exactly the size needed, else with 1.5× headroom). Returns the buffers."""
     end = offset + data.shape[0]
     if end > data_buf.shape[0]:
-        cap = _new_cap(data_buf.shape[0], end)
+        cap = end if exact else _new_cap(data_buf.shape[0], end)
         data_buf, col_buf = _grow(data_buf, cap, offset), _grow(col_buf, cap, offset)
     data_buf[offset:end] = data
     col_buf[offset:end] = cols
@@ -320,23 +385,27 @@ class _Plan:
     seg_slots: torch.Tensor
     seg_offsets: torch.Tensor
     n_sel: int
-    block_m: int | None  # None: chosen by the kernel module from the mean segment length
+    max_seg: int  # tokens of the longest segment (known on the host: no synchronisation)
+    block_m: int | None  # None: chosen by the kernel module from the longest segment
     tiles: dict = field(default_factory=dict)
 
     def tile_table(self, impl):
         """(block_m, tile table) for a Triton kernel module, built once per batch and shared by all layers."""
         if impl is ref:
             return self.block_m, None
-        bm = self.block_m or impl.choose_block_m(self.n_sel, int(self.seg_slots.numel()))
+        bm = self.block_m or impl.choose_block_m(self.max_seg)
         if bm not in self.tiles:
             self.tiles[bm] = impl.build_tiles(self.seg_slots, self.seg_offsets, self.n_sel, bm)
         return bm, self.tiles[bm]
 
 
 class _Batch:
-    """A per-row adapter assignment, resolved to slots once; plans cached per tokens-per-row."""
+    """A per-row adapter assignment, resolved to slots once; plans cached per tokens-per-row.
 
-    def __init__(self, library: AdapterLibrary, names: Sequence[str | None]):
+    ``repeat_rows``: the model may also see ``k · len(names)`` rows, ``k`` consecutive rows per
+    assignment (how ``generate`` lays out beams and ``num_return_sequences``)."""
+
+    def __init__(self, library: AdapterLibrary, names: Sequence[str | None], repeat_rows: bool = False):
         _check_assignment(names)
         names = list(names)
         unknown = sorted({n for n in names if n is not None and n not in library._adapters}, key=str)
@@ -347,9 +416,26 @@ class _Batch:
             )
         self.library = library
         self.names = names
+        self.repeat_rows = repeat_rows
         self.slots = [-1 if n is None else library._adapters[n].slot for n in names]
         self.kinds = [None if n is None else library._adapters[n].kind for n in names]
         self._plans: dict = {}
+        self._repeated: dict[int, _Batch] = {}
+
+    def for_rows(self, rows: int, layer: str) -> _Batch:
+        """The assignment of a batch of ``rows`` rows: this one, or (``repeat_rows``) each name
+        repeated for its ``rows // len(self)`` consecutive rows."""
+        if rows == len(self.names):
+            return self
+        if not (self.repeat_rows and self.names and rows % len(self.names) == 0):
+            raise ValueError(
+                f"layer {layer}: the batch has {rows} rows but {len(self.names)} adapter assignments were given "
+                "(one adapter name or None per row)"
+            )
+        k = rows // len(self.names)
+        if k not in self._repeated:
+            self._repeated[k] = _Batch(self.library, [n for n in self.names for _ in range(k)])
+        return self._repeated[k]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -392,6 +478,7 @@ class _Batch:
                 seg_slots=packed[n_sel: n_sel + n_seg],
                 seg_offsets=packed[n_sel + n_seg:],
                 n_sel=n_sel,
+                max_seg=max(seg_rows) * per_row,
                 block_m=self.library.block_m,
             )
         return out
@@ -425,13 +512,18 @@ class AdapterLibrary:
       on GPU); ``device``: default the model's device.
     * ``backend``: ``auto`` (Triton on CUDA, the PyTorch reference on CPU), ``triton`` or
       ``reference``.
-    * ``max_bytes``: optional budget of the adapters' device bytes; a registration past it fails.
+    * ``max_bytes``: optional bound on ``memory()["reserved_bytes"]``, every device byte the
+      library holds (pools with their spare capacity, pointer tables); a registration that
+      would leave more reserved fails and changes nothing.
     * ``check_base``: refuse adapter files whose base fingerprint differs from the model's.
 
-    The library installs itself in ``model`` (target linears replaced by
-    :class:`MultiAdapterLinear`) when the first adapter naming a layer is registered;
-    :meth:`uninstall` puts the original linears back.
+    A layer is served (its ``nn.Linear`` replaced by a :class:`MultiAdapterLinear`) while at
+    least one registered adapter names it: the first such registration installs the wrapper,
+    unregistering the last one frees the layer's pools and puts the ``nn.Linear`` back.
+    :meth:`uninstall` puts every original linear back.
     """
+
+    _INITIAL_SLOTS = 8
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None, device=None,
                  backend: str = "auto", max_bytes: int | None = None, check_base: bool = True,
@@ -459,9 +551,8 @@ class AdapterLibrary:
         self._pools: dict[str, _LayerPool] = {}
         self._wrapped: dict[str, MultiAdapterLinear] = {}
         self._slot_names: list[str | None] = []
-        self._slot_cap = 8
+        self._slot_cap = self._INITIAL_SLOTS  # rows of every pointer table
         self._active: list[_Batch] = []
-        self._fingerprints: dict[tuple, str] = {}
 
     # ------------------------------------------------------------- inspection
     @property
@@ -485,16 +576,23 @@ class AdapterLibrary:
         return list(self._wrapped)
 
     def memory(self) -> dict:
-        """Device memory of the library: per adapter, used and reserved (pool capacity) bytes."""
-        used = sum(p.used_bytes() for p in self._pools.values())
-        reserved = sum(p.reserved_bytes() for p in self._pools.values())
+        """Device memory of the library.
+
+        ``adapters``: per adapter, its entries and one row-pointer line per layer (what a
+        decode step reads for it); ``used_bytes``: entries in use plus the pointer tables;
+        ``table_bytes``: the pointer tables alone (``slot_capacity`` rows per table, one table
+        per format present in a layer); ``reserved_bytes``: every device byte held, spare pool
+        capacity included — the quantity ``max_bytes`` bounds.
+        """
         return {
             "adapters": {n: a.bytes for n, a in self._adapters.items()},
             "n_adapters": len(self._adapters),
             "adapter_bytes": sum(a.bytes for a in self._adapters.values()),
-            "used_bytes": used,
-            "reserved_bytes": reserved,
+            "used_bytes": sum(p.used_bytes() for p in self._pools.values()),
+            "table_bytes": sum(p.table_bytes() for p in self._pools.values()),
+            "reserved_bytes": sum(p.reserved_bytes() for p in self._pools.values()),
             "max_bytes": self.max_bytes,
+            "slot_capacity": self._slot_cap,
             "layers": len(self._pools),
         }
 
@@ -530,32 +628,27 @@ class AdapterLibrary:
         slot_cap = self._slot_cap
         while slot >= slot_cap:
             slot_cap *= 2
-        staged, new_pools = [], {}
-        for layer, delta in deltas.items():
-            pool = self._pools.get(layer)
-            if pool is None:
-                pool = new_pools[layer] = _LayerPool(layer, shapes[layer], self.device, self.dtype, slot_cap)
-            staged.append(pool.stage(slot, delta, slot_cap))
-        nbytes = sum(
-            st["n"] * ((SUPPORTED_BLOCK_SIZE**2 * _dtype_size(self.dtype) + 4) if st["kind"] == BLOCK
-                       else (_dtype_size(self.dtype) + st["pool"].cols.element_size()))
-            + (st["pool"].n_rb + 1 if st["kind"] == BLOCK else st["pool"].shape[0] + 1) * 4
-            for st in staged
-        )
-        if self.max_bytes is not None:
-            in_use = sum(a.bytes for a in self._adapters.values())
-            if in_use + nbytes > self.max_bytes:
+        staged = self._stage(slot, deltas, shapes, slot_cap, exact=False)
+        if self.max_bytes is not None and self._reserved_after(staged) > self.max_bytes:
+            # without headroom: pools and pointer tables grown to exactly what this adapter needs
+            staged = None  # free the first staging's copies before making the second
+            slot_cap = max(self._slot_cap, slot + 1)
+            staged = self._stage(slot, deltas, shapes, slot_cap, exact=True)
+            after = self._reserved_after(staged)
+            if after > self.max_bytes:
+                reserved = self.memory()["reserved_bytes"]
                 raise MemoryError(
-                    f"registering {name!r} needs {nbytes} bytes; {in_use} of max_bytes={self.max_bytes} are in use"
+                    f"registering {name!r} would bring the library's reserved device memory from {reserved} to "
+                    f"{after} bytes, over max_bytes={self.max_bytes}"
                 )
-        # ---- commit: nothing below allocates large memory or can fail on valid input
-        if slot_cap > self._slot_cap:
-            for pool in self._pools.values():
-                pool.grow_slots(slot_cap)
-            self._slot_cap = slot_cap
-        self._pools.update(new_pools)
+        nbytes = sum(st["n"] * st["pool"].entry_bytes(st["kind"]) + st["pool"].table_width(st["kind"]) * 4
+                     for st in staged if "slot" in st)
+        # ---- commit: nothing below allocates or can fail on valid input
+        self._slot_cap = slot_cap
         for st in staged:
-            st["pool"].commit(st)
+            pool = st["pool"]
+            self._pools.setdefault(pool.name, pool)
+            pool.commit(st)
         for layer in deltas:
             self._install(layer)
         if slot == len(self._slot_names):
@@ -568,28 +661,74 @@ class AdapterLibrary:
         self._adapters[name] = info
         return info
 
+    def _stage(self, slot: int, deltas: Mapping, shapes: Mapping, slot_cap: int, exact: bool) -> list[dict]:
+        """Every tensor the registration needs, allocated and written where nothing reads it yet:
+        the adapter's entries per layer (new pools for layers not served yet), and, when the slot
+        capacity grows, larger pointer tables for the untouched layers too."""
+        staged = []
+        for layer, delta in deltas.items():
+            pool = self._pools.get(layer) or _LayerPool(layer, shapes[layer], self.device, self.dtype)
+            staged.append(pool.stage(slot, delta, slot_cap, exact))
+        if slot_cap > self._slot_cap:
+            for layer, pool in self._pools.items():
+                if layer not in deltas:
+                    tables = pool.stage_tables(slot_cap)
+                    if tables:
+                        staged.append({"pool": pool, "tensors": tables})
+        return staged
+
+    def _reserved_after(self, staged: list[dict]) -> int:
+        """``reserved_bytes`` once ``staged`` is committed."""
+        replaced = {st["pool"].name: st for st in staged}
+        total = sum(pool.reserved_bytes() for layer, pool in self._pools.items() if layer not in replaced)
+        return total + sum(st["pool"].reserved_bytes(st["tensors"]) for st in staged)
+
     def load_dir(self, directory, pattern: str = "*.safetensors", *, names: Mapping[str, str] | None = None) -> list[str]:
         """Register every adapter file in ``directory`` matching ``pattern`` (name = file stem,
-        or ``names[stem]``). All files are read and checked first; if one fails, none is kept."""
+        or ``names[stem]``). All or nothing: if one file fails, the library (pools, their
+        capacity, pointer tables, served layers) and the model are restored as they were."""
         paths = sorted(Path(directory).glob(pattern))
         if not paths:
             raise FileNotFoundError(f"no adapter files matching {pattern!r} in {directory}")
         from sparse_engine.io import read_adapter
 
         loaded = [((names or {}).get(p.stem, p.stem), (*read_adapter(p), str(p))) for p in paths]
+        before = self._snapshot()
         done: list[str] = []
         try:
             for name, src in loaded:
                 self.register(name, src)
                 done.append(name)
-        except Exception:
-            for name in reversed(done):
-                self.unregister(name)
+        except BaseException:
+            self._restore(before)
             raise
         return done
 
+    def _snapshot(self) -> dict:
+        return {
+            "adapters": dict(self._adapters),
+            "slot_names": list(self._slot_names),
+            "slot_cap": self._slot_cap,
+            "pools": {layer: pool.snapshot() for layer, pool in self._pools.items()},
+        }
+
+    def _restore(self, snap: Mapping) -> None:
+        """Back to a snapshot taken with only registrations since (no unregister in between)."""
+        taken = {info.slot for name, info in self._adapters.items() if name not in snap["adapters"]}
+        for layer in list(self._pools):
+            if layer not in snap["pools"]:
+                del self._pools[layer]
+                self._uninstall_layer(layer)
+        for layer, state in snap["pools"].items():
+            self._pools[layer].restore(state, taken)
+        self._adapters = dict(snap["adapters"])
+        self._slot_names = list(snap["slot_names"])
+        self._slot_cap = snap["slot_cap"]
+
     def unregister(self, name: str) -> None:
-        """Remove an adapter and free its pool space (later adapters move down).
+        """Remove an adapter and free its pool space (later adapters move down). A layer no
+        registered adapter names any more loses its pools and gets its ``nn.Linear`` back; with
+        no adapter left the library is as new.
 
         Refused while a batch that uses it is active (inside :meth:`use`)."""
         info = self.info(name)
@@ -597,33 +736,48 @@ class AdapterLibrary:
             if name in batch.adapter_names:
                 raise RuntimeError(f"adapter {name!r} is used by the active batch; unregister it after the batch")
         for layer in info.layers:
-            self._pools[layer].remove(info.slot)
+            pool = self._pools[layer]
+            pool.remove(info.slot)
+            if not pool.extents:
+                del self._pools[layer]
+                self._uninstall_layer(layer)
         self._slot_names[info.slot] = None
+        while self._slot_names and self._slot_names[-1] is None:
+            self._slot_names.pop()
         del self._adapters[name]
+        if not self._adapters:
+            self._slot_cap = self._INITIAL_SLOTS
 
     def shrink_to_fit(self) -> None:
-        """Release pool capacity beyond what the registered adapters use."""
+        """Release pool capacity beyond what the registered adapters use, and pointer-table
+        rows beyond the highest slot in use."""
+        slot_cap = self._INITIAL_SLOTS
+        while slot_cap < len(self._slot_names):
+            slot_cap *= 2
+        self._slot_cap = slot_cap
         for pool in self._pools.values():
-            pool.shrink_to_fit()
+            pool.shrink_to_fit(slot_cap)
 
     def uninstall(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back and drop every adapter; returns the model."""
         if self._active:
             raise RuntimeError("cannot uninstall while a batch is active")
-        for layer, wrapper in self._wrapped.items():
-            _set_submodule(self.model, layer, wrapper.base)
-        self._wrapped.clear()
+        for layer in list(self._wrapped):
+            self._uninstall_layer(layer)
         self._pools.clear()
         self._adapters.clear()
         self._slot_names.clear()
+        self._slot_cap = self._INITIAL_SLOTS
         return self.model
 
     # -------------------------------------------------------------- serving
     @contextlib.contextmanager
-    def use(self, adapters: Sequence[str | None]):
+    def use(self, adapters: Sequence[str | None], *, repeat_rows: bool = False):
         """Within the block, every forward of the model applies ``adapters[b]`` to batch row ``b``
-        (``None``: the base model). The batch must have exactly ``len(adapters)`` rows."""
-        batch = _Batch(self, adapters)
+        (``None``: the base model). The batch must have exactly ``len(adapters)`` rows, or, with
+        ``repeat_rows``, ``k · len(adapters)`` rows where each assignment covers ``k``
+        consecutive rows (the layout of ``generate``'s beams / ``num_return_sequences``)."""
+        batch = _Batch(self, adapters, repeat_rows=repeat_rows)
         self._active.append(batch)
         try:
             yield batch
@@ -640,26 +794,25 @@ class AdapterLibrary:
             return self.model(**inputs)
 
     def generate(self, input_ids: torch.Tensor, adapters: Sequence[str | None], **generate_kwargs):
-        """``model.generate`` (KV cache on) with row ``b`` served by ``adapters[b]``."""
+        """``model.generate`` (KV cache on) with row ``b`` served by ``adapters[b]``.
+
+        Beam search (``num_beams``) and ``num_return_sequences`` work: ``generate`` expands row
+        ``b`` into consecutive rows (``repeat_interleave``), and each keeps ``adapters[b]``; the
+        output has ``num_return_sequences`` consecutive rows per input row, as in ``generate``."""
         _check_assignment(adapters)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[0] != len(adapters):
             raise ValueError(f"the batch has {input_ids.shape[0]} rows but {len(adapters)} adapter assignments were given")
-        with torch.no_grad(), self.use(adapters):
+        with torch.no_grad(), self.use(adapters, repeat_rows=True):
             return self.model.generate(input_ids=input_ids, **generate_kwargs)
 
     # ------------------------------------------------------------- internals
     def _apply(self, layer: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self._active:
             return y
-        batch = self._active[-1]
         rows = x.shape[0] if x.dim() >= 2 else 1
-        if rows != len(batch):
-            raise ValueError(
-                f"layer {layer}: the batch has {rows} rows but {len(batch)} adapter assignments were given "
-                "(one adapter name or None per row)"
-            )
+        batch = self._active[-1].for_rows(rows, layer)
         pool = self._pools.get(layer)
         if pool is None or (pool.n_blocks == 0 and pool.n_values == 0):
             return y
@@ -699,6 +852,11 @@ class AdapterLibrary:
         wrapper = MultiAdapterLinear(module, self, layer)
         _set_submodule(self.model, layer, wrapper)
         self._wrapped[layer] = wrapper
+
+    def _uninstall_layer(self, layer: str) -> None:
+        wrapper = self._wrapped.pop(layer, None)
+        if wrapper is not None:
+            _set_submodule(self.model, layer, wrapper.base)
 
     @staticmethod
     def _read_source(source):
@@ -756,10 +914,9 @@ class AdapterLibrary:
             if known is not None and set(known) != set(deltas):
                 raise ValueError(f"{where}: the metadata's layers do not match its tensors")
             if check_base and meta.get("base_fingerprint"):
-                key = tuple(sorted(deltas))
-                if key not in self._fingerprints:
-                    self._fingerprints[key] = base_fingerprint_of(self.model, deltas)
-                mine = self._fingerprints[key]
+                # computed every time (a strided sample of ≤ 4096 values per layer): a cache
+                # would have to notice weights changed in place or replaced since
+                mine = base_fingerprint_of(self.model, deltas)
                 if meta["base_fingerprint"] != mine:
                     raise ValueError(
                         f"{where} was trained on another base model ({meta.get('base_model')!r}, fingerprint "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["bench_masked_delta.py", "bench_block_sparse.py", "bench_topk.py"]
+SCRIPTS = ["bench_masked_delta.py", "bench_block_sparse.py", "bench_topk.py", "bench_multi_adapter.py"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA --smoke is not a smoke run: run the benchmarks")
 

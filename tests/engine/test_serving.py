@@ -8,11 +8,12 @@ import random
 
 import pytest
 import torch
-from sparse_engine.kernels import _triton
+from torch import nn
 
 from sparse_engine import SparseAdapterConfig, attach
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import base_fingerprint, read_adapter, save_adapter
+from sparse_engine.kernels import _triton
 from sparse_engine.model import adapter_layers
 from sparse_engine.serving import (
     AdapterLibrary,
@@ -26,6 +27,7 @@ from .helpers import tiny_phi3
 
 VOCAB = 64
 TRITON_OK = _triton.HAS_TRITON and (torch.cuda.is_available() or _triton.INTERPRET)
+QKV = [f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)]  # tiny_phi3's adapted layers, 192×64
 
 
 def _random_delta(shape, kind, keep, gen, scale=0.08):
@@ -121,16 +123,21 @@ def test_rows_without_adapter_equal_base_model(zoo):
         torch.testing.assert_close(lib.model(input_ids=ids).logits, expect, rtol=0, atol=0)
 
 
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_OK, reason="needs CUDA or the Triton interpreter"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_assignments_of_many_adapters(zoo, seed):
+def test_random_assignments_of_many_adapters(zoo, seed, backend):
     base, files, refs = zoo
     rnd = random.Random(seed)
     chosen = rnd.sample(list(files), rnd.randint(1, len(files)))
-    lib = _library(base, files, chosen)
+    lib = _library(base, files, chosen, backend=backend)
     names = [rnd.choice(chosen + [None]) for _ in range(rnd.randint(1, 9))]
     ids = _ids(len(names), rnd.randint(1, 6), seed=seed)
-    torch.testing.assert_close(lib.forward(names, input_ids=ids).logits, _expected_logits(base, refs, names, ids),
-                               rtol=1e-4, atol=1e-4)
+    got = lib.forward(names, input_ids=ids.to(_device(backend))).logits.cpu()
+    torch.testing.assert_close(got, _expected_logits(base, refs, names, ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
@@ -308,3 +315,260 @@ def test_routed_evaluation(zoo, tmp_path):
         assert any(p for p in alone)  # non-empty continuations: the comparison is not vacuous
     base_preds = evaluation.generate(base, tokenizer, [ex.source for ex in suite[tasks[0]].test], batch_size=4, **gen)
     assert base_preds != preds[tasks[0]]
+
+
+# ------------------------------------------------------------------ library state
+
+
+def _state(lib):
+    """Everything a caller can see of a library: adapters, memory, served layers, the model's modules."""
+    return (lib.names, lib.memory(), {n: lib.info(n) for n in lib.names}, lib.layers,
+            {name: type(m) for name, m in lib.model.named_modules()})
+
+
+def _dense_expected(base, deltas, names, ids):
+    """Each row through a copy of the base with its adapter's dense ΔW added (None: the base)."""
+    out = torch.empty(ids.shape[0], ids.shape[1], VOCAB)
+    with torch.no_grad():
+        for name in set(names):
+            rows = [b for b, n in enumerate(names) if n == name]
+            model = copy.deepcopy(base)
+            for layer, delta in (deltas[name].items() if name is not None else ()):
+                model.get_submodule(layer).weight += delta.to_dense()
+            out[rows] = model(input_ids=ids[rows]).logits
+    return out
+
+
+def test_failed_load_dir_restores_library_and_model(zoo, tmp_path):
+    base = zoo[0]
+    gen = torch.Generator().manual_seed(11)
+    lib = AdapterLibrary(copy.deepcopy(base))
+    for i in range(8):  # block adapters on layer 0 only: every slot of the first 8 taken ...
+        lib.register(f"pre{i}", {QKV[0]: _random_delta((192, 64), "block", 0.2, gen)})
+    lib.unregister("pre3")  # ... but one, which the directory's first adapter takes
+    ids = _ids(3, 5, seed=6)
+    logits = lib.forward(["pre0", None, "pre7"], input_ids=ids).logits
+    before = _state(lib)
+    pool = lib._pools[QKV[0]]
+    # the directory changes everything before failing on its last file: a block line written in
+    # place into the served layer's table (slot 3), a new served layer (pools + wrapper), an
+    # element table in the served layer, slot capacity 8 → 16, block-pool capacity
+    make_adapter(base, tmp_path / "a_block.safetensors", "block", seed=1)
+    make_adapter(base, tmp_path / "b_element.safetensors", "element", seed=2)
+    make_adapter(base, tmp_path / "c_block.safetensors", "block", seed=3)
+    make_adapter(tiny_phi3(vocab_size=VOCAB, hidden=32), tmp_path / "z_wide.safetensors", "element", seed=4)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        lib.load_dir(tmp_path)
+    assert _state(lib) == before
+    assert lib.memory()["slot_capacity"] == 8 and lib.layers == [QKV[0]]
+    assert pool.el_ptr is None and not pool.blk_ptr[3].any()  # the taken slot's row is clean again
+    torch.testing.assert_close(lib.forward(["pre0", None, "pre7"], input_ids=ids).logits, logits, rtol=0, atol=0)
+
+    fresh = AdapterLibrary(copy.deepcopy(base))
+    new = _state(fresh)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        fresh.load_dir(tmp_path)
+    assert _state(fresh) == new
+    assert not any(isinstance(m, MultiAdapterLinear) for m in fresh.model.modules())
+    (tmp_path / "z_wide.safetensors").unlink()
+    assert fresh.load_dir(tmp_path) == ["a_block", "b_element", "c_block"]
+
+
+def test_unregistering_everything_gives_the_library_back_as_new(zoo):
+    base, files, _ = zoo
+    lib = AdapterLibrary(copy.deepcopy(base))
+    new = _state(lib)
+    gen = torch.Generator().manual_seed(12)
+    for name in files:
+        lib.register(name, files[name])
+    for i in range(12):  # 18 adapters: slot capacity 8 → 16 → 32
+        lib.register(f"x{i}", {QKV[i % 2]: _random_delta((192, 64), "block" if i % 3 else "element", 0.1, gen)})
+    assert lib.memory()["slot_capacity"] == 32 and len(lib.layers) == 2
+    for name in random.Random(0).sample(lib.names, len(lib)):
+        lib.unregister(name)
+    assert _state(lib) == new
+    ids = _ids(3, 5, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(lib.model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_layer_is_served_while_an_adapter_names_it(zoo):
+    base = zoo[0]
+    gen = torch.Generator().manual_seed(13)
+    deltas = {"both": {layer: _random_delta((192, 64), "block", 0.2, gen) for layer in QKV},
+              "first": {QKV[0]: _random_delta((192, 64), "element", 0.2, gen)}}
+    lib = AdapterLibrary(copy.deepcopy(base))
+    for name, d in deltas.items():
+        lib.register(name, d)
+    lib.unregister("both")  # layer 1 has no adapter left: its nn.Linear comes back, its pools go
+    assert lib.layers == [QKV[0]] and lib.memory()["layers"] == 1
+    assert type(lib.model.get_submodule(QKV[1])) is nn.Linear
+    assert isinstance(lib.model.get_submodule(QKV[0]), MultiAdapterLinear)
+    ids = _ids(2, 4, seed=8)
+    torch.testing.assert_close(lib.forward(["first", None], input_ids=ids).logits,
+                               _dense_expected(base, deltas, ["first", None], ids), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ memory accounting
+
+
+def _pool_tensor_bytes(lib):
+    return sum(t.numel() * t.element_size() for p in lib._pools.values()
+               for t in (p.blocks, p.block_cols, p.values, p.cols, p.blk_ptr, p.el_ptr) if t is not None)
+
+
+def test_pointer_tables_exist_only_for_the_formats_a_layer_holds(zoo):
+    base, files, _ = zoo
+    lib = _library(base, files, ["block0", "block2"])
+    mem = lib.memory()
+    block_line, element_line = (192 // 16 + 1) * 4, (192 + 1) * 4
+    assert mem["table_bytes"] == len(QKV) * 8 * block_line  # no element table: no element adapter
+    assert mem["reserved_bytes"] == _pool_tensor_bytes(lib)
+    assert mem["used_bytes"] == mem["adapter_bytes"] - 2 * len(QKV) * block_line + mem["table_bytes"]
+    lib.register("element1", files["element1"])
+    assert lib.memory()["table_bytes"] == len(QKV) * 8 * (block_line + element_line)
+    assert lib.memory()["reserved_bytes"] == _pool_tensor_bytes(lib)
+    lib.unregister("element1")  # its format's pools and tables go with the last element adapter
+    assert lib.memory() == mem
+
+
+def test_max_bytes_bounds_reserved_memory(zoo):
+    base, files, _ = zoo
+    names = ["block0", "element1", "block2"]
+    plain = _library(base, files, names)
+    plain.shrink_to_fit()
+    tight = plain.memory()["reserved_bytes"]
+    lib = _library(base, files, names, max_bytes=tight)  # fits: pools grown without headroom when needed
+    assert lib.memory()["reserved_bytes"] == tight
+    before = _state(lib)
+    with pytest.raises(MemoryError, match="max_bytes"):
+        lib.register("element3", files["element3"])
+    assert _state(lib) == before
+
+    budget = 60_000
+    small = AdapterLibrary(copy.deepcopy(base), max_bytes=budget)
+    gen = torch.Generator().manual_seed(14)
+    with pytest.raises(MemoryError, match="reserved device memory"):
+        for i in range(100):
+            small.register(f"x{i}", {QKV[0]: _random_delta((192, 64), "element", 0.1, gen)})
+            assert small.memory()["reserved_bytes"] <= budget
+    assert len(small) > 1 and small.memory()["reserved_bytes"] <= budget
+
+
+# ------------------------------------------------------------------ batches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_than_16_adapters_slot_growth_and_compaction(zoo, backend):
+    base = zoo[0]
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(21)
+    lib = AdapterLibrary(copy.deepcopy(base).to(dev), backend=backend)
+    deltas = {}
+    for i in range(20):  # both formats; every third adapter on both layers, the others on one
+        layers = QKV if i % 3 == 0 else [QKV[i % 2]]
+        deltas[f"a{i}"] = {layer: _random_delta((192, 64), "block" if i % 2 == 0 else "element", 0.15, gen)
+                           for layer in layers}
+        lib.register(f"a{i}", deltas[f"a{i}"])
+    assert lib.memory()["slot_capacity"] == 32
+    names = ["a0", "a1", "a2", None, "a5", "a19", "a18", "a0", "a7", "a12"]
+    ids = _ids(len(names), 5, seed=12)
+
+    def check(logits, names):
+        expect = _dense_expected(base, deltas, names, ids[: len(names)])
+        torch.testing.assert_close(logits.cpu(), expect, rtol=1e-4, atol=1e-4)
+
+    check(lib.forward(names, input_ids=ids.to(dev)).logits, names)
+    with lib.use(names), torch.no_grad():
+        for i in range(20, 36):  # more slots while the batch is active: pointer tables grow to 64 rows
+            deltas[f"a{i}"] = {QKV[0]: _random_delta((192, 64), "block", 0.2, gen)}
+            lib.register(f"a{i}", deltas[f"a{i}"])
+        for i in (4, 6, 8, 10, 11, 13, 16):  # not in the batch: their pools compact, later extents move down
+            lib.unregister(f"a{i}")
+            del deltas[f"a{i}"]
+        check(lib.model(input_ids=ids.to(dev)).logits, names)
+    assert lib.memory()["slot_capacity"] == 64
+    deltas["new"] = {layer: _random_delta((192, 64), "element", 0.1, gen) for layer in QKV}
+    assert lib.register("new", deltas["new"]).slot == 4  # the lowest free slot
+    names2 = ["a35", "new", "a3", "a20", None, "a14", "a17", "new"]
+    check(lib.forward(names2, input_ids=ids[: len(names2)].to(dev)).logits, names2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_mixed_batch_equals_each_row_alone(zoo, backend):
+    base, files, refs = zoo
+    lib = _library(base, files, ["block0", "element1", "block2"], backend=backend)
+    names = ["block0", None, "element1", "block2", "block0", "element1"]
+    length = 7
+    ids = _ids(len(names), length, seed=14)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate([7, 3, 5, 7, 2, 6]):  # left padding, as for generation
+        ids[b, : length - n] = 0
+        mask[b, length - n:] = 1
+    dev = _device(backend)
+    logits = lib.forward(names, input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.cpu()
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = lib.generate(ids.to(dev), names, attention_mask=mask.to(dev), **kw).cpu()
+    for b, name in enumerate(names):
+        model = base if name is None else refs[name]
+        with torch.no_grad():
+            alone = model(input_ids=ids[b: b + 1], attention_mask=mask[b: b + 1]).logits[0]
+            alone_out = model.generate(input_ids=ids[b: b + 1], attention_mask=mask[b: b + 1], **kw)[0]
+        real = mask[b].bool()
+        torch.testing.assert_close(logits[b][real], alone[real], rtol=1e-4, atol=1e-4)
+        assert torch.equal(out[b], alone_out), f"row {b} ({name})"
+
+
+def test_generate_with_beams_and_several_return_sequences(zoo):
+    base, files, refs = zoo
+    lib = _library(base, files, ["block0", "element1"])
+    names = ["block0", None, "element1"]
+    prompt = _ids(len(names), 5, seed=15)
+    mask = torch.ones_like(prompt)
+    cases = [dict(num_beams=3, num_return_sequences=2, do_sample=False),
+             dict(num_return_sequences=2, do_sample=True, top_k=1)]  # top-1 sampling: both sequences greedy
+    for case in cases:
+        kw = dict(case, max_new_tokens=4, min_new_tokens=4, pad_token_id=0, eos_token_id=None)
+        out = lib.generate(prompt, names, attention_mask=mask, **kw)
+        assert out.shape == (2 * len(names), 9)
+        for b, name in enumerate(names):  # generate's layout: the sequences of row b are rows 2b, 2b + 1
+            model = base if name is None else refs[name]
+            with torch.no_grad():
+                alone = model.generate(input_ids=prompt[b: b + 1], attention_mask=mask[b: b + 1], **kw)
+            assert torch.equal(out[2 * b: 2 * b + 2], alone), f"row {b} ({name}), {case}"
+    # outside generate, a batch must match its assignment row for row
+    with pytest.raises(ValueError, match="6 rows but 3 adapter assignments"), torch.no_grad(), lib.use(names):
+        lib.model(input_ids=prompt.repeat_interleave(2, 0))
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or the Triton interpreter")
+def test_decode_tiles_hold_each_adapter_segment_once(zoo):
+    """BLOCK_M is chosen from the longest segment: an adapter used by 20 rows is one tile, read once."""
+    from sparse_engine.kernels import multi_adapter as ma
+
+    base, files, _ = zoo
+    lib = _library(base, files, ["block0", "block2", "block4"], backend="triton")
+    names = ["block0"] * 20 + ["block2", "block4", None, "block2"]
+    with lib.use(names) as batch:
+        block_m, tiles = batch.plans(1, torch.device(_device("triton")))["block"].tile_table(ma)
+    live = tiles[tiles[:, 2] > tiles[:, 1]].cpu()
+    assert block_m == 32
+    assert sorted(live[:, 0].tolist()) == sorted(lib.info(n).slot for n in ("block0", "block2", "block4"))
+
+
+def test_base_fingerprint_follows_weight_changes(zoo):
+    base, files, _ = zoo
+    lib = _library(base, files, ["block0"])
+    linear = lib.model.get_submodule(QKV[0]).base
+    original = linear.weight.detach().clone()
+    with torch.no_grad():
+        linear.weight.mul_(1.5)  # changed in place since the last check
+    with pytest.raises(ValueError, match="another base model"):
+        lib.register("element1", files["element1"])
+    with torch.no_grad():
+        linear.weight.copy_(original)
+    lib.register("element1", files["element1"])
+    lib.unregister("element1")
+    linear.weight = nn.Parameter(torch.randn_like(original), requires_grad=False)  # replaced
+    with pytest.raises(ValueError, match="another base model"):
+        lib.register("element1", files["element1"])

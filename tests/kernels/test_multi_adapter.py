@@ -189,3 +189,22 @@ def test_bf16_on_cuda():  # pragma: no cover - GPU only
                                            pool[0], pool[1], pool[2].double())
         got = fn(x.cuda(), base.clone().cuda(), *_to("cuda", token_order, slots, offsets, *pool))
         assert _rel(got.cpu(), expect) < 1e-2
+
+
+def test_block_m_holds_the_longest_segment():
+    """Every segment of up to 128 tokens is one tile (its adapter read once), whatever the mean."""
+    assert [ma.choose_block_m(n) for n in (1, 16, 17, 32, 33, 64, 65, 128, 1000)] == [16, 16, 32, 32, 64, 64, 128,
+                                                                                        128, 128]
+    slots = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    offsets = torch.tensor([0, 40, 41, 42, 43], dtype=torch.int32)  # one long segment, three singletons
+    gen = torch.Generator().manual_seed(7)
+    row_ptr, cols, blocks = _block_pool((32, 32), 4, gen)
+    x, base = torch.randn(43, 32, generator=gen), torch.randn(43, 32, generator=gen)
+    token_order = torch.randperm(43, generator=gen).to(torch.int32)
+    expect = ref.multi_block_delta(x.double(), base.double().clone(), token_order, slots, offsets, row_ptr, cols,
+                                   blocks.double())
+    got = ma.multi_block_delta(x.to(DEVICE), base.clone().to(DEVICE),
+                               *_to(DEVICE, token_order, slots, offsets, row_ptr, cols, blocks))  # block_m chosen: 64
+    assert _rel(got.cpu(), expect) < 1e-5
+    tiles = ma.build_tiles(slots, offsets, 43, ma.choose_block_m(40))
+    assert (tiles[:, 2] > tiles[:, 1]).sum() == 4
