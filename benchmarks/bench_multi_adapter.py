@@ -323,8 +323,9 @@ def run_op(torch, F, args, timer, meta, device, dtype, smoke, bandwidth):
                         extra = {"d_out": d_out, "d_in": d_in, "peft_rank": rank, "max_rows_per_adapter": most_rows}
                         if need is not None:
                             extra["base_bytes"] = op.lib.step_bytes([])
-                        rows += emit(meta, res, level="op", phase=phase, fmt=fmt, batch=batch, tokens=tokens,
-                                     n=n, pop=pop, keep=args.keep, need=need, bandwidth=bandwidth, extra=extra)
+                        rows += _recorded(args, smoke, emit(
+                            meta, res, level="op", phase=phase, fmt=fmt, batch=batch, tokens=tokens,
+                            n=n, pop=pop, keep=args.keep, need=need, bandwidth=bandwidth, extra=extra))
         del op
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -346,6 +347,13 @@ def check_agreement(torch, fns, op, names, x, fmt, rows=6):
             err = float((got - expect).norm() / expect.norm())
             if not err < tol:
                 raise AssertionError(f"{key} disagrees with the dense reference: rel err {err:.3g} ({fmt})")
+
+
+def _recorded(args, smoke, new_rows):
+    """Append measured rows at once: a run cut off by a time limit keeps what it measured."""
+    if not smoke and not args.no_record:
+        append_rows(args.results, new_rows, quiet=True)
+    return new_rows
 
 
 def emit(meta, res, *, level, phase, fmt, batch, tokens, n, pop, keep, need, bandwidth, extra):
@@ -447,8 +455,9 @@ def run_model(torch, args, timer, meta, device, dtype, smoke, bandwidth):
                         base_bytes = model_bytes_per_step(torch, model, batch, args.context)
                         need = base_bytes + sum(lib.info(a).bytes for a in set(names))
                         extra.update(context=args.context, base_bytes=base_bytes)
-                    rows += emit(meta, res, level="model", phase=phase, fmt=fmt, batch=batch, tokens=tokens, n=n,
-                                 pop=pop, keep=args.keep, need=need, bandwidth=bandwidth, extra=extra)
+                    rows += _recorded(args, smoke, emit(
+                        meta, res, level="model", phase=phase, fmt=fmt, batch=batch, tokens=tokens, n=n,
+                        pop=pop, keep=args.keep, need=need, bandwidth=bandwidth, extra=extra))
         del merged
     lib.uninstall()
     return rows
@@ -706,7 +715,7 @@ def run_bench(args):
     print_table(rows)
     print_goals(rows)
     if not args.no_record:
-        append_rows(args.results, rows)
+        print(f"appended {len(rows)} rows to {args.results}")
     return 0
 
 
