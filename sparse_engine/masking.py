@@ -77,17 +77,20 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
     A layer in ``direct_ks`` that runs once in the forward gets its top ``direct_ks[name]``
     elements selected inside its backward by ``ops.delta_score_topk`` (histogram and select
     passes over dYᵀX, no dense score); one that runs more than once (a shared module) needs
-    its scores summed over the calls and falls back to the dense score.
+    its scores summed over the calls and falls back to the dense score. Calls are counted
+    before the backward starts, so activation checkpointing's recomputed forwards (during
+    the backward) do not count.
     """
     search = {n: l for n, l in layers.items() if l.phase != FIXED}
     kind = "gm" if config.score == "gd" else config.score
     scores: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
     forward_calls = dict.fromkeys(search, 0)
+    calls_in_forward: dict[str, int] = {}  # filled when the forward is done
 
     def sink_for(name: str, layer: SparseAdapterLinear):
         def sink(dy, x):
-            if name in direct_ks and forward_calls[name] == 1:
+            if name in direct_ks and calls_in_forward.get(name) == 1:
                 units = ops.delta_score_topk(dy, x, layer.delta.detach(), direct_ks[name], kind, layer.backend)
                 if units.numel() < direct_ks[name]:  # NaN scores are never selected
                     raise FloatingPointError(f"NaN in the mask score of {name}")
@@ -112,6 +115,7 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
             loss = loss_fn()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss of the score pass is {loss.item()}; training has diverged")
+            calls_in_forward.update(forward_calls)
             loss.backward()
     finally:
         for hook in hooks:

@@ -148,11 +148,14 @@ def test_fixed_phase_keeps_no_weight_sized_fp32_buffer_with_the_kernels(block_si
         assert not (t.dtype == torch.float32 and t.numel() >= 64 * 96), (t.dtype, tuple(t.shape))
 
 
-@pytest.mark.parametrize("calls", [1, 2])
-def test_element_mask_update_selects_inside_the_score_pass(monkeypatch, calls):
+@pytest.mark.parametrize("calls,checkpointed", [(1, False), (2, False), (1, True)])
+def test_element_mask_update_selects_inside_the_score_pass(monkeypatch, calls, checkpointed):
     """With the kernels, an element layer's mask update writes no dense score (top k picked by
     the histogram/select passes in its backward); a layer run twice per forward needs summed
-    scores and takes the dense path. Either way the masks equal the reference's."""
+    scores and takes the dense path, while a forward recomputed by activation checkpointing
+    is still one call. Either way the masks equal the reference's."""
+    from torch.utils.checkpoint import checkpoint
+
     from sparse_engine.kernels import masked_delta
     from sparse_engine.masking import update_masks
 
@@ -167,7 +170,8 @@ def test_element_mask_update_selects_inside_the_score_pass(monkeypatch, calls):
     for backend, layer in layers.items():
         cfg = SparseAdapterConfig(keep_ratio=0.25, backend=backend)
         model = nn.ModuleDict({"qkv_proj": layer})
-        loss = lambda: sum((layer(x) * t).sum() for _ in range(calls))  # noqa: E731
+        run = (lambda v, _l=layer: checkpoint(_l, v, use_reentrant=False)) if checkpointed else layer
+        loss = lambda _run=run: sum((_run(x) * t).sum() for _ in range(calls))  # noqa: E731
         update_masks(model, {"qkv_proj": layer}, loss, cfg)
         masks[backend] = layer.mask.clone()
     assert used == (["delta_score_topk"] if calls == 1 else ["delta_score", "delta_score"])
