@@ -13,6 +13,9 @@ Variants
             sparse_engine.ops does in its autograd Functions)
   reference kernels/reference.py through autograd: materialise W + Ŵ⊙M (or index_add of the
             compact values), F.linear, backward by autograd
+  materialize  search phase only: W + Ŵ⊙M formed by one compiled elementwise pass into a
+            weight-sized buffer, cuBLAS forward / dX, our masked dŴ kernel (the design the
+            fused-operand GEMMs are meant to beat; not the engine's path)
   shira     peft.tuners.shira.Linear (fixed phase; clones W and adds a sparse COO delta on
             every forward), same nnz and mask as ours
   floor     F.linear on W alone: W frozen (fwd + dX) and W trainable (fwd + dX + dW)
@@ -125,6 +128,33 @@ def ops_ours(inp, phase):
     def both():
         fwd()
         return bwd()
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+
+
+def ops_materialize(inp):
+    """Search phase the other way round: W + Ŵ⊙M formed in one fused elementwise pass
+    (torch.compile) into a weight-sized buffer of the activations' dtype, then cuBLAS for the
+    forward and dX; dŴ from our masked G kernel. What the fused-operand GEMMs must beat (they
+    re-form the operand from 7 bytes per weight element for every token tile)."""
+    w, delta, mask = inp["w"], inp["delta"], inp["mask"]
+    rot = _Rot(inp["acts"])
+    form = torch.compile(lambda w, d, m: (w.float() + torch.where(m, d, 0.0)).to(w.dtype), dynamic=False)
+
+    def fwd():
+        x, _ = rot()
+        return F.linear(x, form(w, delta, mask))
+
+    def bwd(w_eff=None):
+        x, dy = rot()
+        w_eff = form(w, delta, mask) if w_eff is None else w_eff
+        return dy @ w_eff, md.masked_delta_grad_delta(dy, x, mask)
+
+    def both():
+        x, _ = rot()
+        w_eff = form(w, delta, mask)  # kept for the backward, as an autograd Function would
+        F.linear(x, w_eff)
+        return bwd(w_eff)
 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
@@ -419,8 +449,8 @@ def main(argv=None) -> int:
     p.add_argument("--d-out", type=int, default=9216)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--phases", nargs="+", choices=["search", "fixed", "score"], default=["search", "fixed", "score"])
-    p.add_argument("--variants", nargs="+", choices=["ours", "reference", "shira", "floor"],
-                   default=["ours", "reference", "shira", "floor"])
+    p.add_argument("--variants", nargs="+", choices=["ours", "reference", "materialize", "shira", "floor"],
+                   default=["ours", "reference", "materialize", "shira", "floor"])
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--sets", type=int, default=2, help="rotated activation sets")
@@ -476,6 +506,8 @@ def main(argv=None) -> int:
                     variants["ours"] = (ops_ours(inp, phase), None, None)
                 if "reference" in args.variants:
                     variants["reference"] = ops_reference(inp, phase)
+                if phase == "search" and "materialize" in args.variants:
+                    variants["materialize+cuBLAS"] = (ops_materialize(inp), None, None)
                 if phase == "fixed" and "shira" in args.variants:
                     model, note = build_shira(inp)
                     if model is None:
