@@ -603,7 +603,9 @@ class CompactLayout:
 
 
 def _indices_key(indices: torch.Tensor) -> tuple:
-    return (indices.data_ptr(), indices._version, indices.numel(), str(indices.device))
+    # inference tensors have no version counter (and cannot be written outside inference mode)
+    version = None if indices.is_inference() else indices._version
+    return (indices.data_ptr(), version, indices.numel(), str(indices.device))
 
 
 def _check_indices(indices, shape) -> None:

@@ -85,4 +85,9 @@ class SparseAdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparseAdapterConfig":
-        return cls(**{k: (tuple(v) if k == "target_modules" else v) for k, v in d.items()})
+        d = {k: (tuple(v) if k == "target_modules" else v) for k, v in d.items()}
+        if d.get("score") == "gd" and d.get("layer_drop"):
+            # files written before this pair was refused: their masks were chosen per layer
+            # (layer drop was ignored for gd), which is what the loaded config now says
+            d["layer_drop"] = False
+        return cls(**d)

@@ -135,17 +135,23 @@ class SparseAdapterLinear(nn.Module):
         """The Triton kernels' index layout of the kept units, built from ``source`` (the
         fixed-phase ``indices``, or the search-phase ``mask`` of a block-sparse layer) and
         rebuilt whenever ``source`` is another tensor or was written in place since: after
-        ``set_mask``, ``load_state_dict``, ``.to(device)``."""
+        ``set_mask``, ``load_state_dict``, ``.to(device)``. (An inference tensor has no version
+        counter; it is matched by identity.)
+
+        Built outside inference mode, so that a layout first built in an evaluation step can
+        still be saved for backward by a later training step."""
+        version = None if source.is_inference() else source._version
         cached = self._kernel_aux
-        if cached is not None and cached[0] is source and cached[1] == source._version:
+        if cached is not None and cached[0] is source and cached[1] == version:
             return cached[2]
-        if self.phase == SEARCH:
-            layout = impl.build_block_layout(self.kept_units(), self.shape, self.block_size)
-        elif self.block_size is None:
-            layout = impl.build_compact_layout(self.indices, self.shape)
-        else:
-            layout = impl.build_block_layout(self.indices, self.shape, self.block_size)
-        self._kernel_aux = (source, source._version, layout)
+        with torch.inference_mode(False):
+            if self.phase == SEARCH:
+                layout = impl.build_block_layout(self.kept_units(), self.shape, self.block_size)
+            elif self.block_size is None:
+                layout = impl.build_compact_layout(self.indices, self.shape)
+            else:
+                layout = impl.build_block_layout(self.indices, self.shape, self.block_size)
+        self._kernel_aux = (source, version, layout)
         return layout
 
     # ---------------------------------------------------------------- mask control

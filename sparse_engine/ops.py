@@ -124,7 +124,8 @@ class BlockDeltaLinear(torch.autograd.Function):
         impl = kernel_module("block_sparse", backend, x)
         ctx.save_for_backward(x, weight, blocks, block_indices, bias)
         ctx.impl, ctx.layout = impl, layout
-        return impl.block_delta_linear(x, weight, blocks, block_indices, bias, **_layout_kwargs(impl, layout))
+        return impl.block_delta_linear(x, weight, blocks, block_indices, _bias_like(bias, x),
+                                       **_layout_kwargs(impl, layout))
 
     @staticmethod
     def backward(ctx, dy):
@@ -149,7 +150,8 @@ class BlockSearchDeltaLinear(torch.autograd.Function):
         blocks = ref.gather_blocks(delta.detach(), block_indices, block_size)
         ctx.save_for_backward(x, weight, blocks, block_indices, bias)
         ctx.impl, ctx.layout, ctx.shape = impl, layout, tuple(delta.shape)
-        return impl.block_delta_linear(x, weight, blocks, block_indices, bias, **_layout_kwargs(impl, layout))
+        return impl.block_delta_linear(x, weight, blocks, block_indices, _bias_like(bias, x),
+                                       **_layout_kwargs(impl, layout))
 
     @staticmethod
     def backward(ctx, dy):
@@ -157,6 +159,12 @@ class BlockSearchDeltaLinear(torch.autograd.Function):
         dx, dblocks = _block_backward(ctx, dy, x, weight, blocks, block_indices)
         ddelta = None if dblocks is None else ref.densify_blocks(dblocks, block_indices, ctx.shape)
         return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), ddelta, None, None, None, None
+
+
+def _bias_like(bias, x):
+    """The bias in the activations' dtype (as F.linear under autocast): the block launchers,
+    like the reference, take one dtype for both."""
+    return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
 
 
 def _layout_kwargs(impl, layout):

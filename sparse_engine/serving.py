@@ -754,6 +754,9 @@ class AdapterLibrary:
         slot_cap = self._INITIAL_SLOTS
         while slot_cap < len(self._slot_names):
             slot_cap *= 2
+        # never above the current capacity: tables are only cut here, and an exact-size
+        # registration (max_bytes) may have left fewer rows than the power of two
+        slot_cap = min(slot_cap, self._slot_cap)
         self._slot_cap = slot_cap
         for pool in self._pools.values():
             pool.shrink_to_fit(slot_cap)

@@ -217,3 +217,58 @@ def test_mask_updates_over_several_layers_match_the_reference(score, layer_drop,
     per_layer = [SparseAdapterConfig(keep_ratio=0.25, block_size=block_size).kept_count(*s) * (block_size or 1) ** 2
                  for s in shapes]
     assert total == sum(per_layer)
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_inference_mode_forwards_and_loads(block_size, tmp_path):
+    """An evaluation forward under inference_mode must not leave a layout that a later training
+    step cannot save for backward; an adapter loaded under inference_mode (indices without a
+    version counter) still runs through the kernels."""
+    from sparse_engine.io import load_adapter, save_adapter
+    from sparse_engine.masking import freeze_masks
+    from sparse_engine.model import adapter_layers, attach
+
+    layers = _pair(block_size)
+    units = 48 * 32 if block_size is None else 6
+    kept = torch.arange(0, units, 3, dtype=torch.int32, device=DEVICE)
+    x, dy = torch.randn(5, 32, device=DEVICE), torch.randn(5, 48, device=DEVICE)
+    results = {}
+    for backend, layer in layers.items():
+        layer.set_mask(kept)
+        with torch.inference_mode():
+            layer(x)
+        results[backend] = _run(layer, x, dy)
+    (y_ref, g_ref), (y_tri, g_tri) = results["reference"], results["triton"]
+    torch.testing.assert_close(y_tri, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_tri[1], g_ref[1], rtol=1e-4, atol=1e-4)
+
+    cfg = SparseAdapterConfig(keep_ratio=0.25, block_size=block_size, backend="triton", target_modules=["0"])
+    base = nn.Linear(32, 48).to(DEVICE)
+    trained = attach(nn.Sequential(nn.Linear(32, 48).to(DEVICE)), cfg)
+    trained[0].base.load_state_dict(base.state_dict())
+    trained[0].delta.data.normal_()
+    trained[0].set_mask(kept)
+    freeze_masks(adapter_layers(trained))
+    save_adapter(trained, str(tmp_path / "a.safetensors"))
+    served = attach(nn.Sequential(nn.Linear(32, 48).to(DEVICE)), cfg)
+    served[0].base.load_state_dict(base.state_dict())
+    with torch.inference_mode():
+        load_adapter(served, str(tmp_path / "a.safetensors"))
+        y = served(x)
+    torch.testing.assert_close(y, trained(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_block_layers_take_a_bias_in_another_dtype():
+    """fp16 activations with an fp32 nn.Linear bias (mixed precision): the block path casts the
+    bias as F.linear under autocast would, as the element path accepts it."""
+    layer = _pair(16)["triton"]
+    layer.set_mask(torch.tensor([0, 4], dtype=torch.int32, device=DEVICE))
+    layer.base.weight.data = layer.base.weight.data.half()
+    x = torch.randn(3, 32, device=DEVICE).half()
+    w_eff = (layer.base.weight.float() + layer.delta_weight()).half()
+    for phase in ("search", "fixed"):
+        if phase == "fixed":
+            layer.freeze()
+        y = layer(x)
+        expected = (x.double() @ w_eff.double().t() + layer.base.bias.half().double())
+        torch.testing.assert_close(y.double(), expected, rtol=2e-3, atol=2e-3)

@@ -51,3 +51,11 @@ def test_round_trip_through_dict():
 def test_training_config_is_validated(field, value):
     with pytest.raises(ValueError):
         TrainingConfig(**{field: value})
+
+
+def test_old_files_with_gd_and_layer_drop_still_load():
+    """That pair is refused now; older adapter files that name it were trained per layer."""
+    d = SparseAdapterConfig(score="gd").to_dict()
+    d["layer_drop"] = True
+    cfg = SparseAdapterConfig.from_dict(d)
+    assert cfg.score == "gd" and not cfg.layer_drop

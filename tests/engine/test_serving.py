@@ -572,3 +572,32 @@ def test_base_fingerprint_follows_weight_changes(zoo):
     linear.weight = nn.Parameter(torch.randn_like(original), requires_grad=False)  # replaced
     with pytest.raises(ValueError, match="another base model"):
         lib.register("element1", files["element1"])
+
+
+def test_shrink_after_an_exact_size_registration_keeps_tables_in_step():
+    """A registration that only fits max_bytes without headroom leaves slot capacity 9;
+    shrink_to_fit must not then claim 16 slots over 9-row tables (a later adapter in slot 9
+    naming one layer left the other layer's table short: an index error, out of bounds on GPU)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+
+    def delta():
+        return BlockSparseDelta((32, 32), torch.randn(1, 16, 16), torch.tensor([1], dtype=torch.int32))
+
+    lib = AdapterLibrary(model, backend="reference")
+    entry = 16 * 16 * 4 + 4
+    lib.max_bytes = 2 * (9 * entry + 9 * 3 * 4)  # 9 adapters fit only with exact-size tables
+    for i in range(9):
+        lib.register(f"a{i}", {"0": delta(), "1": delta()})
+    lib.shrink_to_fit()
+    lib.max_bytes = None
+    only = delta()
+    lib.register("only_layer0", {"0": only})
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad(), lib.use(["only_layer0"]):
+        got = model(x)
+    plain = lib.uninstall()
+    with torch.no_grad():
+        hidden = x @ (plain[0].weight + only.to_dense()).t() + plain[0].bias
+        expected = plain[1](hidden)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
