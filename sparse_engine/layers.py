@@ -250,6 +250,34 @@ class SparseAdapterLinear(nn.Module):
         self.phase = FIXED
         self._kernel_aux = None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state dict records its storage phase: ``indices`` (fixed) or ``mask`` (search). A
+        # checkpoint of the other phase (the Trainer resuming after the freeze, or loading a
+        # best model saved during the mask epochs) switches this layer to that phase first, so
+        # the tensors fit; the caller's optimizer must then be (re)built, as the Trainer does.
+        delta = state_dict.get(prefix + "delta")
+        if torch.is_tensor(delta):
+            if prefix + "indices" in state_dict and self.phase == SEARCH:
+                self._adopt_phase(FIXED, delta, state_dict[prefix + "indices"])
+            elif prefix + "mask" in state_dict and self.phase == FIXED:
+                self._adopt_phase(SEARCH, delta, state_dict[prefix + "mask"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _adopt_phase(self, phase: str, delta: torch.Tensor, index: torch.Tensor) -> None:
+        """Empty storage of ``phase`` shaped like the incoming ``delta`` / ``indices`` or ``mask``."""
+        device = self.base.weight.device
+        self.delta = nn.Parameter(torch.zeros(delta.shape, dtype=torch.float32, device=device))
+        if phase == FIXED:
+            self.indices = torch.zeros(index.shape, dtype=torch.int32, device=device)
+            self.mask = None
+        else:
+            self.mask = torch.zeros(index.shape, dtype=torch.bool, device=device)
+            self.indices = None
+        self.phase = phase
+        self._kernel_aux = None
+
     def to_linear(self, merge: bool) -> nn.Linear:
         """The wrapped ``nn.Linear``: unchanged (``merge=False``) or a new one with W + ΔW."""
         base = self.base

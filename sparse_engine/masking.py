@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -254,6 +255,14 @@ def replace_parameter(optimizer, old: nn.Parameter, new: nn.Parameter, gather: t
         group["params"] = [new if p is old else p for p in group["params"]]
     state = inner.state.pop(old, None)
     if state and gather is not None:
+        shaped_otherwise = [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape != old.shape]
+        if shaped_otherwise:
+            # e.g. Adafactor's factored row/column moments: no per-entry state to carry over
+            warnings.warn(
+                f"optimizer state {shaped_otherwise} is not per entry; it restarts for the compact adapter",
+                stacklevel=2,
+            )
+            return
         inner.state[new] = {
             key: (value.reshape(-1)[gather].view(new.shape).clone()
                   if torch.is_tensor(value) and value.shape == old.shape else value)

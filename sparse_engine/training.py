@@ -131,6 +131,19 @@ class MaskSchedule:
         return sum(1 for layer in self.layers.values() if layer.kept_count > 0)
 
 
+def _mask_updates_before(global_step: int, epoch: float | None, config: SparseAdapterConfig) -> int:
+    """Mask updates a Trainer run made up to ``global_step`` (the callback's rule: every
+    ``update_interval``-th step whose epoch is within the mask epochs), from the resumed
+    state's step and fractional epoch."""
+    if not epoch:
+        return 0
+    steps_per_epoch = global_step / epoch
+    return sum(
+        1 for step in range(config.update_interval, global_step + 1, config.update_interval)
+        if max(0, math.ceil(step / steps_per_epoch - 1e-9) - 1) < config.mask_epochs
+    )
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -384,13 +397,27 @@ class SparseAdapterCallback(_TrainerCallback):
     of ``config.mask_epochs`` epochs (or at the end of training) and switch to compact storage.
     """
 
-    def __init__(self):
+    def __init__(self, loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None):
+        """``loss_fn(model, inputs)``: the loss of the score pass for a captured micro-batch
+        (default: ``model(**inputs).loss``). Needed when the Trainer computes the loss outside
+        the model (``label_smoothing_factor``, a custom ``compute_loss``)."""
         self.schedule: MaskSchedule | None = None
         self._last_inputs: dict | None = None
         self._hook = None
+        self._custom_loss = loss_fn
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(args, "label_smoothing_factor", 0.0) and self._custom_loss is None:
+            raise ValueError(
+                "label_smoothing_factor > 0: the Trainer takes the labels away from the model, so the score pass "
+                "has no loss; pass SparseAdapterCallback(loss_fn=lambda model, inputs: ...)"
+            )
         self.schedule = MaskSchedule(model)
+        if state.global_step > 0 and not self.schedule.frozen:
+            # resumed from a mask-epoch checkpoint: the callback's own count is gone, the steps are not
+            self.schedule.updates = _mask_updates_before(state.global_step, state.epoch, self.schedule.config)
+            if state.epoch is not None and state.epoch >= self.schedule.config.mask_epochs - 1e-9:
+                self.schedule.finish(optimizer)  # the mask epochs ended with that checkpoint
         if getattr(args, "weight_decay", 0.0):
             warnings.warn(
                 "weight_decay > 0 in TrainingArguments also decays sparse-adapter entries outside the mask; "
@@ -414,7 +441,19 @@ class SparseAdapterCallback(_TrainerCallback):
         if model is None or self._last_inputs is None:
             return None
         inputs = self._last_inputs
-        return lambda: model(**inputs).loss
+        if self._custom_loss is not None:
+            return lambda: self._custom_loss(model, inputs)
+
+        def model_loss():
+            loss = model(**inputs).loss
+            if loss is None:
+                raise ValueError(
+                    "the model returned no loss for the captured batch (no labels reach the model: a custom "
+                    "compute_loss?); pass SparseAdapterCallback(loss_fn=lambda model, inputs: ...)"
+                )
+            return loss
+
+        return model_loss
 
     def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
         if self.schedule is not None and state.epoch is not None:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -157,3 +159,26 @@ def test_loading_a_delta_copies_it_so_training_never_writes_into_the_callers_ten
     with torch.no_grad():
         layer.delta.add_(1.0)
     assert torch.equal(values, before)
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_load_state_dict_takes_the_phase_of_the_state(block_size):
+    """A fixed-phase state dict loads into a search-phase layer and vice versa (Trainer resume
+    after the freeze; load_best_model_at_end of a mask-epoch checkpoint)."""
+    lin = nn.Linear(32, 48)
+    cfg = SparseAdapterConfig(block_size=block_size, backend="reference")
+    searching = SparseAdapterLinear(copy.deepcopy(lin), cfg)
+    searching.delta.data.normal_()
+    units = 48 * 32 if block_size is None else 6
+    searching.set_mask(torch.arange(0, units, 3, dtype=torch.int32))
+    search_state = copy.deepcopy(searching.state_dict())
+    fixed = copy.deepcopy(searching)
+    fixed.freeze()
+    x = torch.randn(4, 32)
+    fresh = SparseAdapterLinear(copy.deepcopy(lin), cfg)
+    fresh.load_state_dict(fixed.state_dict())
+    assert fresh.phase == FIXED and torch.equal(fresh.indices, fixed.indices)
+    torch.testing.assert_close(fresh(x), fixed(x))
+    fresh.load_state_dict(search_state)
+    assert fresh.phase == "search" and fresh.indices is None
+    torch.testing.assert_close(fresh(x), searching(x))

@@ -119,6 +119,78 @@ def test_hugging_face_trainer_with_the_callback_runs_algorithm_1(tmp_path):
     assert out.global_step == 8
 
 
+def _trainer(tmp_path, model, data, callback, eval_data=None, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    kw = dict(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-2,
+              logging_steps=100, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    kw.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**kw), train_dataset=data, eval_dataset=eval_data,
+                   callbacks=[callback])
+
+
+def _attached(interval):
+    model = tiny_phi3()
+    attach(model, SparseAdapterConfig(keep_ratio=0.1, update_interval=interval))
+    return model
+
+
+@pytest.mark.parametrize("interval,checkpoint", [(3, 6), (2, 8), (2, 12)])
+def test_trainer_resume_ends_with_the_uninterrupted_mask_and_weights(tmp_path, interval, checkpoint):
+    """Resuming a Trainer run from a checkpoint in the mask epoch (step 6 of 8, or the epoch's
+    last step) or after the freeze (step 12, compact storage in the checkpoint) gives the
+    uninterrupted run's masks and values: no extra mask update, no dense epoch after it, and a
+    compact checkpoint loads into a freshly attached (search-phase) model."""
+    data = random_lm_data(32)  # 8 optimizer steps per epoch
+    full = _attached(interval)
+    _trainer(tmp_path / "a", full, data, SparseAdapterCallback(), save_strategy="steps", save_steps=checkpoint).train()
+    resumed = _attached(interval)
+    callback = SparseAdapterCallback()
+    _trainer(tmp_path / "b", resumed, data, callback).train(
+        resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{checkpoint}"))
+    assert callback.schedule.updates == (0 if checkpoint > 8 else 8 // interval)
+    for (name, a), b in zip(adapter_layers(full).items(), adapter_layers(resumed).values()):
+        assert a.phase == b.phase == FIXED
+        assert torch.equal(a.indices, b.indices), name
+        torch.testing.assert_close(a.delta, b.delta, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_load_best_model_from_the_mask_epoch(tmp_path):
+    """load_best_model_at_end with the best checkpoint saved in the search phase (dense Ŵ +
+    mask) into the compact model: the layers take that phase back, and the callback's
+    train-end freeze then leaves exactly that checkpoint's kept entries, compact."""
+    from safetensors.torch import load_file
+
+    data = random_lm_data(32)
+    model = _attached(2)
+    trainer = _trainer(tmp_path, model, data, SparseAdapterCallback(), eval_data=data, eval_strategy="steps",
+                       eval_steps=4, save_strategy="steps", save_steps=4, load_best_model_at_end=True,
+                       metric_for_best_model="loss", greater_is_better=True)  # the worst loss: an early checkpoint
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith(("checkpoint-4", "checkpoint-8"))
+    saved = load_file(f"{best}/model.safetensors")
+    for name, layer in adapter_layers(model).items():
+        mask, delta = saved[f"{name}.mask"], saved[f"{name}.delta"]
+        assert layer.phase == FIXED
+        assert torch.equal(layer.indices, mask.reshape(-1).nonzero().flatten().to(torch.int32))
+        torch.testing.assert_close(layer.delta.detach(), delta.reshape(-1)[layer.indices.long()])
+
+
+def test_trainer_without_a_model_loss_is_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="loss_fn"):
+        _trainer(tmp_path, _attached(2), random_lm_data(8), SparseAdapterCallback(), label_smoothing_factor=0.1).train()
+
+
+def test_factored_optimizer_state_restarts_at_the_freeze(tmp_path):
+    """Adafactor keeps row/column moments, not one per entry: at the freeze they cannot follow
+    the kept entries, so that state restarts (it used to crash the next step)."""
+    model = _attached(2)
+    with pytest.warns(UserWarning, match="not per entry"):
+        _trainer(tmp_path, model, random_lm_data(16), SparseAdapterCallback(), optim="adafactor").train()
+    assert all(layer.phase == FIXED for layer in adapter_layers(model).values())
+
+
 @pytest.mark.parametrize("score,layer_drop", [("snip", False), ("gm", False), ("wm", False), ("gd", False),
                                               ("mcs", True)])
 def test_every_score_and_layer_drop_train_end_to_end(score, layer_drop):
