@@ -7,12 +7,27 @@ import time
 from pathlib import Path
 
 
+def _positive(kind):
+    """An argparse type for numbers > 0: a 0 must not fall back to a default silently."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _add_training_args(p: argparse.ArgumentParser, epochs: int, batch_size: int) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=batch_size, help="examples per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=_positive(float), default=None,
                    help="learning rate (default: per method, tuned on the built-in suite: sparse/block/LoRA 1e-2, full 1e-3)")
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warmup fraction (default: %(default)s)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -71,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-train", type=int, default=1000, help="built-in tasks: training examples (default: %(default)s)")
     train.add_argument("--n-test", type=int, default=100, help="built-in tasks: test examples (default: %(default)s)")
     train.add_argument("--max-examples-per-task", type=int, default=None, help="--data: sub-sample each task")
-    train.add_argument("--max-length", type=int, default=None, help="tokens per example (default: 48 built-in, 1024 otherwise)")
-    train.add_argument("--max-new-tokens", type=int, default=None, help="generation length for --eval (default: 16 / 128)")
+    train.add_argument("--max-length", type=_positive(int), default=None, help="tokens per example (default: 48 built-in, 1024 otherwise)")
+    train.add_argument("--max-new-tokens", type=_positive(int), default=None, help="generation length for --eval (default: 16 / 128)")
     train.add_argument("--eval", action="store_true", help="evaluate base and expert on each task's test split (Rouge-L)")
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="resume each expert from its checkpoint in --out")
@@ -145,8 +160,8 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--data", nargs="+", default=None, help="FLAN-format files or a dataset name (default: built-in tasks)")
     ev.add_argument("--n-test", type=int, default=100, help="built-in tasks: test examples per task (default: %(default)s)")
     ev.add_argument("--max-examples-per-task", type=int, default=None, help="--data: sub-sample each task")
-    ev.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: 48 built-in, 1024 otherwise)")
-    ev.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: 16 built-in, 128 otherwise)")
+    ev.add_argument("--max-length", type=_positive(int), default=None, help="prompt tokens (default: 48 built-in, 1024 otherwise)")
+    ev.add_argument("--max-new-tokens", type=_positive(int), default=None, help="generation length (default: 16 built-in, 128 otherwise)")
     ev.add_argument("--batch-size", type=int, default=100, help="generation batch size (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the built-in task generation (default: %(default)s)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default: %(default)s)")
@@ -175,7 +190,7 @@ def _add_reproduce_parser(sub) -> None:
     rep.add_argument("--keep-ratio", type=float, default=0.1, help="sparse adapters' keep ratio (default: %(default)s)")
     rep.add_argument("--trials", type=int, default=10, help="fig6: random subsets per N (default: %(default)s)")
     rep.add_argument("--ns", type=int, nargs="+", default=[2, 5, 10, 20], help="fig6: numbers of merged experts")
-    rep.add_argument("--table4-epochs", type=int, nargs="+", default=[1, 5],
+    rep.add_argument("--table4-epochs", type=_positive(int), nargs="+", default=[1, 5],
                      help="table4: epochs of continued multitask training (default: 1 5)")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--cache-dir", default=None, help="built-in base model cache")
@@ -223,6 +238,8 @@ def _cmd_eval(args) -> int:
 
     if args.n_test < 1 or args.batch_size < 1:
         raise ValueError("--n-test and --batch-size must be >= 1")
+    if args.routed is not None:  # default tasks: every held-in task with an expert file
+        return _routed_eval(args, None if args.held_in is None else list(args.held_in))
     held_in = list(data.HELD_IN) if args.held_in is None else list(args.held_in)
     held_out = list(data.HELD_OUT) if args.held_out is None else list(args.held_out)
     if not held_in and not held_out:
@@ -238,15 +255,13 @@ def _cmd_eval(args) -> int:
     else:
         tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=held_in + held_out,
                                max_examples_per_task=args.max_examples_per_task, seed=args.seed)
-    if args.routed is not None:
-        return _routed_eval(args, held_in)
     expert = load_expert(args.adapter) if args.adapter else None
     model, tokenizer = _load_model(args)
     if expert is not None:
         apply_merged(model, expert)
     gen = {"max_new_tokens": args.max_new_tokens or (16 if builtin else 128),
            "max_length": args.max_length or (48 if builtin and args.model is None else 1024),
-           "batch_size": args.batch_size}
+           "batch_size": args.batch_size, "progress": not args.no_progress}
     start = time.perf_counter()
     result = analysis.evaluate_held(model, tokenizer, {t: tasks[t] for t in held_in},
                                     {t: tasks[t] for t in held_out}, **gen)
@@ -340,8 +355,8 @@ def _load_model(args):
 
         return load_builtin_base(cache_dir=args.cache_dir, progress=not args.no_progress)
     path = Path(args.model)
-    if not path.exists():
-        raise SystemExit(f"error: --model {args.model}: no such directory (models are loaded from local paths only)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such directory (models are loaded from local paths only)")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -430,10 +445,33 @@ def main(argv=None) -> int:
     handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval,
                 "reproduce": _cmd_reproduce}
     try:
+        _check_paths_and_backend(args)
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _check_paths_and_backend(args) -> None:
+    """Checks that need no model or data, before any work: a late failure would throw away
+    a finished run."""
+    out = getattr(args, "out", None)
+    if out is not None and args.command != "merge" and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; it must be a directory (it holds the results)")
+    model = getattr(args, "model", None)
+    if model is not None and not Path(model).is_dir():
+        raise FileNotFoundError(f"--model {model}: no such directory (models are loaded from local paths only)")
+    model_out = getattr(args, "model_out", None)
+    if model_out is not None and Path(model_out).exists() and not Path(model_out).is_dir():
+        raise ValueError(f"--model-out {model_out} is a file; the merged model is saved as a directory")
+    if getattr(args, "backend", "auto") == "triton":
+        import torch
+
+        from sparse_engine.kernels import _triton
+
+        if not _triton.triton_usable_for(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
+            raise ValueError("--backend triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the CPU "
+                             "interpreter); use --backend auto or reference")
 
 
 if __name__ == "__main__":

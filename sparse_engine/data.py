@@ -170,7 +170,13 @@ def _load_dataset(source, cache_dir):
 
     files = _resolve_files(source)
     if files is None:
-        return datasets.load_dataset(str(source), split="train", cache_dir=cache_dir)
+        try:
+            return datasets.load_dataset(str(source), split="train", cache_dir=cache_dir)
+        except Exception as exc:  # offline, unknown name, no train split: all look alike to a user
+            raise ValueError(
+                f"load_flan: {str(source)!r} is neither a local data file/folder nor a loadable dataset "
+                f"({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
     builder = _BUILDERS[files[0].suffix.lower()]
     try:
         return datasets.load_dataset(

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from sparse_engine._files import atomic_write
 from sparse_engine.data import Example, TaskData, encode_prompt
 
 __all__ = [
@@ -202,21 +202,15 @@ def _json_default(obj):
 def write_results_json(path, payload) -> Path:
     """Write ``payload`` as indented JSON, atomically (temp file in the same folder,
     fsync, ``os.replace``). Parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=2, default=_json_default, allow_nan=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(Path(path), write)
 
 
 def _cell(value) -> str:

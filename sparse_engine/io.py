@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sparse_engine._files import atomic_write
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.model import adapter_config, adapter_layers, attach
@@ -51,16 +50,7 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def atomic_save(tensors: dict, metadata: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, SparseDelta | BlockSparseDelta]:

@@ -9,8 +9,6 @@ mask schedule: ``attach(model, config)``, then ``Trainer(..., callbacks=[SparseA
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from sparse_engine._files import atomic_write
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.layers import FIXED, SEARCH
@@ -226,7 +225,7 @@ def train_expert(
             raise ValueError("resume=True needs checkpoint_dir")
         path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
         if path.exists():
-            state = load_checkpoint(path, model, optimizer, scheduler)
+            state = load_checkpoint(path, model, optimizer, scheduler, run_settings(model, config))
     if schedule is not None:
         schedule.updates = state["mask_updates"]
 
@@ -273,7 +272,8 @@ def train_expert(
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss:.4f}", epoch=state["epoch"] + 1)
                 if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                    save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state)
+                    save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state,
+                                    run_settings(model, config))
             if b >= len(starts):
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
@@ -286,7 +286,8 @@ def train_expert(
         schedule.finish(optimizer, last_batch_loss())
         state["mask_updates"] = schedule.updates
     if config.checkpoint_dir:
-        save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state)
+        save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state,
+                        run_settings(model, config))
     model.train(was_training)
     return TrainResult(
         steps=state["step"],
@@ -309,24 +310,50 @@ def _default_collate(items: list[dict]) -> dict:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_checkpoint(path, model, optimizer, scheduler, state: dict) -> None:
+# Settings a resumed run must share with the checkpoint's run (the adapter's and the
+# optimiser's); epochs and max_steps may change, to continue a run further.
+_RESUME_SETTINGS = ("learning_rate", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm",
+                    "seed")
+
+
+def run_settings(model, config: TrainingConfig | None) -> dict:
+    """What a checkpoint records of its run, to refuse a resume with other settings."""
+    layers = adapter_layers(model)
+    return {
+        "adapter": adapter_config(model).to_dict() if layers else None,
+        "training": None if config is None else {k: getattr(config, k) for k in _RESUME_SETTINGS},
+    }
+
+
+def _check_resume_settings(path, saved: dict | None, current: dict) -> None:
+    if saved is None:  # a checkpoint from before settings were recorded
+        return
+    diffs = []
+    for part in ("adapter", "training"):
+        mine, theirs = current.get(part), saved.get(part)
+        if mine is None or theirs is None:
+            continue
+        diffs += [f"{part}.{k}: checkpoint {theirs.get(k)!r}, now {mine.get(k)!r}"
+                  for k in sorted(set(mine) | set(theirs)) if _plain(theirs.get(k)) != _plain(mine.get(k))]
+    if diffs:
+        raise ValueError(f"checkpoint {path} was written with other settings; resume with the same ones or start "
+                         f"afresh: {'; '.join(diffs[:4])}")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def save_checkpoint(path, model, optimizer, scheduler, state: dict, settings: dict | None = None) -> None:
     """Everything a resumed run needs to continue bit-for-bit, written atomically."""
     layers = adapter_layers(model)
     adapter_ids = {id(layer.delta) for layer in layers.values()}
     payload = {
         "format": CHECKPOINT_FORMAT,
+        "settings": settings,
         "state": dict(state),
         "adapters": {
             name: {"phase": layer.phase, "delta": layer.delta.detach().clone(),
@@ -343,14 +370,17 @@ def save_checkpoint(path, model, optimizer, scheduler, state: dict) -> None:
     _atomic_torch_save(payload, Path(path))
 
 
-def load_checkpoint(path, model, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by ``save_checkpoint``; returns the loop state."""
+def load_checkpoint(path, model, optimizer, scheduler, settings: dict | None = None) -> dict:
+    """Restore a checkpoint written by ``save_checkpoint``; returns the loop state. With
+    ``settings`` (``run_settings`` of this run), a checkpoint of other settings is refused."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated or foreign file
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a sparse-engine checkpoint (format {CHECKPOINT_FORMAT})")
+    if settings is not None:
+        _check_resume_settings(path, payload.get("settings"), settings)
     layers = adapter_layers(model)
     if set(payload["adapters"]) != set(layers):
         raise ValueError(f"checkpoint {path} was written for other adapter layers than this model's")

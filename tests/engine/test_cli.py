@@ -32,6 +32,36 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--tasks", "reverse_words", "--lr", "0"], "must be > 0"),
+    (["eval", "--max-new-tokens", "0"], "must be > 0"),
+    (["reproduce", "table4", "--table4-epochs", "0"], "must be > 0"),
+])
+def test_zero_is_refused_not_replaced_by_a_default(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_paths_are_checked_before_any_work(tmp_path, capsys):
+    """A bad --out / --model / --model-out fails at once with one error line, not after training."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["train", "--tasks", "reverse_words", "--out", str(a_file)], "is a file"),
+        (["train", "--tasks", "reverse_words", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+         "no such directory"),
+        (["eval", "--out", str(a_file)], "is a file"),
+        (["merge", "x.safetensors", "--out", str(tmp_path / "m.safetensors"), "--model-out", str(a_file)],
+         "is a file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.safetensors").exists()
+
+
 def test_unknown_task_and_empty_data(tmp_path, capsys):
     assert main(["train", "--tasks", "no_such_task", "--out", str(tmp_path / "o")]) == 2
     assert "unknown built-in task" in capsys.readouterr().err
@@ -64,6 +94,12 @@ def test_train_on_flan_files_and_a_local_checkpoint(tmp_path, tiny_base_dir):
     saved = json.loads((routed / "results.json").read_text())
     assert list(saved["scores"]) == ["reverse_words"]
     assert 0.0 <= saved["mean"] <= 100.0
+    # without --held-in: every held-in task that has an expert file (here one of twenty)
+    code = main(["eval", "--routed", str(out / "adapters"), "--model", str(tiny_base_dir), "--n-test", "4",
+                 "--out", str(tmp_path / "routed_default"), "--no-progress"])
+    assert code == 0
+    assert list(json.loads((tmp_path / "routed_default" / "results.json").read_text())["scores"]) == ["reverse_words"]
+    assert oct((out / "results.json").stat().st_mode & 0o777) != oct(0o600)  # not the temp file's private mode
 
 
 def test_console_entry_point_module_runs():

@@ -83,6 +83,23 @@ def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path, stop_after)
         assert torch.equal(a[name].delta, b[name].delta)
 
 
+@pytest.mark.parametrize("change", [{"keep_ratio": 0.3}, {"learning_rate": 1e-3}])
+def test_resume_with_other_settings_is_refused(tmp_path, change):
+    """A resumed run with another keep ratio or learning rate would silently mix two runs."""
+    data = random_lm_data(8)
+
+    def run(keep_ratio=0.1, learning_rate=1e-2, resume=False, max_steps=None):
+        tc = TrainingConfig(epochs=1, batch_size=4, learning_rate=learning_rate, progress=False, max_steps=max_steps,
+                            checkpoint_dir=str(tmp_path), checkpoint_every=1)
+        return train_expert(tiny_phi3(), data, tc, adapter=SparseAdapterConfig(keep_ratio=keep_ratio),
+                            resume=resume)
+
+    run(max_steps=1)
+    with pytest.raises(ValueError, match="other settings"):
+        run(resume=True, **change)
+    assert run(resume=True).steps == 2  # same settings, a longer run: continues
+
+
 def test_a_corrupt_checkpoint_is_refused(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     model = tiny_phi3()
