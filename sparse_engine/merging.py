@@ -358,6 +358,9 @@ class _FileLayers(Mapping):
     def __iter__(self):
         return iter(self._layers)
 
+    def __contains__(self, pname) -> bool:  # Mapping's default reads the layer from disk
+        return pname in self._layers
+
     def __getitem__(self, pname: str) -> Delta:
         from safetensors import safe_open
 
@@ -597,7 +600,8 @@ def _check_experts(experts: Sequence[Expert]) -> dict[str, tuple]:
                 f"(fingerprint {ref.base_fingerprint}) and {e.name!r} on {e.base_model!r} "
                 f"(fingerprint {e.base_fingerprint})"
             )
-    if ref is None:
+    if ref is None or not all(e.base_fingerprint for e in experts):
+        # an expert without a fingerprint can only be matched by its base model's id
         ids = {e.base_model for e in experts if e.base_model}
         if len(ids) > 1:
             raise ValueError(f"merge: experts were trained on different base models: {sorted(ids)}")

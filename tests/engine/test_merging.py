@@ -289,6 +289,11 @@ def test_bad_input_gets_one_clear_message():
         merge_experts([], "average")
     with pytest.raises(ValueError, match="different base models"):
         merge_experts([a, _sparse_expert("c", fp="other")], "average")
+    # one expert without a fingerprint: the base model ids decide
+    phi, llama = _sparse_expert("phi"), _sparse_expert("llama", fp=None)
+    phi.base_model, llama.base_model = "microsoft/Phi-3-mini-4k-instruct", "meta-llama/Llama-3-8B"
+    with pytest.raises(ValueError, match="different base models"):
+        merge_experts([phi, llama], "eq4")
     with pytest.raises(ValueError, match="same shapes"):
         merge_experts([a, _sparse_expert("d", shape=(16, 48))], "average")
     with pytest.raises(ValueError, match="density must be in \\[0, 1\\]"):
