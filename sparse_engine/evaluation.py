@@ -69,6 +69,14 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _config_stop_tokens(model) -> list[int]:
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [int(t) for t in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
 def generate(
     model,
     tokenizer,
@@ -100,6 +108,9 @@ def generate(
     if eos is None:
         raise ValueError("generate: the tokenizer has no eos token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # Stop at the tokenizer's eos and at every stop token of the model's generation config
+    # (Phi-3 lists <|end|> there): passing one eos_token_id would override that list.
+    stops = [eos] + [t for t in _config_stop_tokens(model) if t != eos]
 
     prompts = [encode_prompt(tokenizer, s, max_length)["input_ids"] for s in sources]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable
@@ -131,14 +142,14 @@ def generate(
                     max_new_tokens=int(max_new_tokens),
                     do_sample=False,
                     num_beams=1,
-                    eos_token_id=eos,
+                    eos_token_id=stops,
                     pad_token_id=pad,
                 )
                 new = out[:, width:].tolist()
                 for row, i in enumerate(idx):
                     toks = new[row]
-                    if eos in toks:
-                        toks = toks[: toks.index(eos)]
+                    end = next((j for j, t in enumerate(toks) if t in stops), len(toks))
+                    toks = toks[:end]
                     outputs[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
     finally:
         model.train(was_training)

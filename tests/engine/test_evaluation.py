@@ -158,6 +158,20 @@ def test_generate_stops_at_eos_and_skips_specials(tok):
     assert out == ["red fox", "red fox"]
 
 
+def test_generate_also_stops_at_the_model_config_stop_tokens(tiny_model, tok):
+    """Phi-3's generation config lists several stop tokens (<|end|>, ...); passing only the
+    tokenizer's eos overrode them, so text after <|end|> was scored."""
+    source = "copy the words : red fox"
+    free = generate(tiny_model, tok, [source], max_new_tokens=6)[0].split()
+    assert len(free) >= 2
+    stop = tok.convert_tokens_to_ids(free[1])
+    tiny_model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    try:
+        assert generate(tiny_model, tok, [source], max_new_tokens=6) == [" ".join(free[: free.index(free[1])])]
+    finally:
+        tiny_model.generation_config.eos_token_id = tok.eos_token_id
+
+
 def test_evaluate_tasks(tiny_model, tok):
     suite = builtin_suite(["reverse_words", "count_words"], n_train=0, n_validation=0, n_test=4, seed=2)
     tasks = {n: td.test for n, td in suite.items()}
