@@ -598,7 +598,8 @@ def _check_experts(experts: Sequence[Expert]) -> dict[str, tuple]:
             raise ValueError(
                 f"merge: experts were trained on different base models: {ref.name!r} on {ref.base_model!r} "
                 f"(fingerprint {ref.base_fingerprint}) and {e.name!r} on {e.base_model!r} "
-                f"(fingerprint {e.base_fingerprint})"
+                f"(fingerprint {e.base_fingerprint}); or on different target_modules of one base (the "
+                f"fingerprint covers the adapted layers): {_targets_of(ref)} and {_targets_of(e)}"
             )
     if ref is None or not all(e.base_fingerprint for e in experts):
         # an expert without a fingerprint can only be matched by its base model's id

@@ -29,14 +29,33 @@ def adapter_layers(model: nn.Module) -> dict[str, SparseAdapterLinear]:
 
 
 def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules named by ``target_modules``. Every name must match at least one
+    ``nn.Linear`` (a typo, or GPT-2's ``Conv1D``, is an error, not a silently smaller adapter),
+    and no target may share its weight with another parameter (a tied ``lm_head``)."""
     targets = tuple(target_modules)
-    found = {name: m for name, m in model.named_modules() if _matches(name, targets) and isinstance(m, nn.Linear)}
-    if not found:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    modules = dict(model.named_modules())
+    found = {name: m for name, m in modules.items() if _matches(name, targets) and isinstance(m, nn.Linear)}
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
+    for target in targets:
+        if any(_matches(name, (target,)) for name in found):
+            continue
+        others = sorted({type(m).__name__ for name, m in modules.items() if name and _matches(name, (target,))})
+        what = f"matches only {others} modules, not nn.Linear" if others else "matches no module"
         raise ValueError(
-            f"target_modules {list(targets)} match no nn.Linear in {type(model).__name__}; "
-            f"its linear layers are named {linear_names}"
+            f"target_modules entry {target!r} {what} in {type(model).__name__}; its linear layers are named "
+            f"{linear_names}"
         )
+    owners: dict[int, dict[int, str]] = {}  # parameter -> {owning module: its qualified name}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), {}).setdefault(id(module), f"{mname}.{pname}" if mname else pname)
+    for name, linear in found.items():
+        shared = [p for m, p in owners.get(id(linear.weight), {}).items() if m != id(linear)]
+        if shared:
+            raise ValueError(
+                f"{name}.weight is tied to {shared[0]} (tie_word_embeddings): a delta on it would also change "
+                f"that module; untie the weights first or leave {name.rsplit('.', 1)[-1]!r} out of target_modules"
+            )
     return found
 
 

@@ -422,12 +422,13 @@ class _Batch:
         self._plans: dict = {}
         self._repeated: dict[int, _Batch] = {}
 
-    def for_rows(self, rows: int, layer: str) -> _Batch:
-        """The assignment of a batch of ``rows`` rows: this one, or (``repeat_rows``) each name
-        repeated for its ``rows // len(self)`` consecutive rows."""
+    def for_rows(self, rows: int, layer: str, flattened: bool = False) -> _Batch:
+        """The assignment of a batch of ``rows`` rows: this one, or (``repeat_rows``, or
+        ``flattened``: 2-D activations, ``[batch·tokens, features]`` as OPT's MLP takes them)
+        each name repeated for its ``rows // len(self)`` consecutive rows."""
         if rows == len(self.names):
             return self
-        if not (self.repeat_rows and self.names and rows % len(self.names) == 0):
+        if not ((self.repeat_rows or flattened) and self.names and rows % len(self.names) == 0):
             raise ValueError(
                 f"layer {layer}: the batch has {rows} rows but {len(self.names)} adapter assignments were given "
                 "(one adapter name or None per row)"
@@ -815,7 +816,7 @@ class AdapterLibrary:
         if not self._active:
             return y
         rows = x.shape[0] if x.dim() >= 2 else 1
-        batch = self._active[-1].for_rows(rows, layer)
+        batch = self._active[-1].for_rows(rows, layer, flattened=x.dim() == 2)
         pool = self._pools.get(layer)
         if pool is None or (pool.n_blocks == 0 and pool.n_values == 0):
             return y

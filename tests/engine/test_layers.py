@@ -134,9 +134,14 @@ def test_attached_model_output_is_unchanged_at_init_and_merge_and_unload_matches
 
 def test_llama_style_target_names_and_bad_targets():
     model = tiny_phi3()
-    with pytest.raises(ValueError, match="match no nn.Linear.*qkv_proj"):
+    with pytest.raises(ValueError, match="'q_proj' matches no module.*qkv_proj"):
         attach(model, SparseAdapterConfig(target_modules=("q_proj", "k_proj", "v_proj")))
     assert not adapter_layers(model)  # nothing changed
+    with pytest.raises(ValueError, match="'qkv_prj' matches no module"):  # a typo next to a valid name
+        attach(model, SparseAdapterConfig(target_modules=("o_proj", "qkv_prj")))
+    with pytest.raises(ValueError, match=r"'norm' matches only \['Phi3RMSNorm'\] modules, not nn.Linear"):
+        attach(model, SparseAdapterConfig(target_modules=("o_proj", "norm")))
+    assert not adapter_layers(model)
     attach(model, SparseAdapterConfig(target_modules=("o_proj", "down_proj")))
     assert sorted({n.rsplit(".", 1)[-1] for n in adapter_layers(model)}) == ["down_proj", "o_proj"]
 
@@ -182,3 +187,18 @@ def test_load_state_dict_takes_the_phase_of_the_state(block_size):
     fresh.load_state_dict(search_state)
     assert fresh.phase == "search" and fresh.indices is None
     torch.testing.assert_close(fresh(x), searching(x))
+
+
+def test_a_tied_weight_is_refused_as_a_target():
+    """A delta on a tied lm_head would also move the input embeddings (and broke saving)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="tied to model.embed_tokens.weight"):
+        attach(model, SparseAdapterConfig(target_modules=("q_proj", "lm_head")))
+    assert not adapter_layers(model)
+    attach(model, SparseAdapterConfig(target_modules=("q_proj", "v_proj")))  # untied targets are fine
+    assert len(adapter_layers(model)) == 2

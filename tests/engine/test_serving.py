@@ -601,3 +601,33 @@ def test_shrink_after_an_exact_size_registration_keeps_tables_in_step():
         hidden = x @ (plain[0].weight + only.to_dense()).t() + plain[0].bias
         expected = plain[1](hidden)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_fed_flattened_tokens_are_served_per_request(tmp_path):
+    """OPT runs fc1/fc2 on [batch·tokens, features]: each request's tokens are consecutive
+    rows, so they take that request's adapter (this failed as "10 rows but 2 assignments")."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from sparse_engine.io import load_adapter
+
+    cfg = OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+                    word_embed_proj_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    trained = OPTForCausalLM(cfg).eval()
+    attach(trained, SparseAdapterConfig(keep_ratio=0.1, target_modules=["fc1"]))
+    gen = torch.Generator().manual_seed(1)
+    for layer in adapter_layers(trained).values():
+        layer.load_sparse(_random_delta(layer.shape, "element", 0.1, gen, scale=0.5))
+    save_adapter(trained, str(tmp_path / "a.safetensors"))
+    torch.manual_seed(0)
+    base = OPTForCausalLM(cfg).eval()
+    reference = copy.deepcopy(base)
+    load_adapter(reference, str(tmp_path / "a.safetensors"))
+    lib = AdapterLibrary(base)
+    lib.register("a", str(tmp_path / "a.safetensors"))
+    ids = torch.randint(3, 64, (2, 5))
+    with torch.no_grad():
+        mixed = lib.forward(["a", None], input_ids=ids).logits
+        torch.testing.assert_close(mixed[0], reference(input_ids=ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
+        lib.uninstall()
+        torch.testing.assert_close(mixed[1], base(input_ids=ids[1:]).logits[0], rtol=1e-5, atol=1e-5)
