@@ -354,9 +354,7 @@ def _load_model(args):
         from sparse_engine.builtin import load_builtin_base
 
         return load_builtin_base(cache_dir=args.cache_dir, progress=not args.no_progress)
-    path = Path(args.model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {args.model}: no such directory (models are loaded from local paths only)")
+    path = Path(args.model)  # checked to be a directory by main() before any work
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -11,8 +11,8 @@ Methods (the paper's Section 4.1 comparison):
 from __future__ import annotations
 
 import copy
-import zlib
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

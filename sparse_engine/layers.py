@@ -111,8 +111,7 @@ class SparseAdapterLinear(nn.Module):
                 if impl is not ref:
                     layout = self._kernel_layout(impl, self.mask)
                     return ops.BlockSearchDeltaLinear.apply(
-                        x, self.base.weight, self.base.bias, self.delta, layout.block_indices, self.block_size,
-                        layout, self.backend,
+                        x, self.base.weight, self.base.bias, self.delta, layout, self.backend
                     )
             mask = None if self.mask_ignored else self.mask
             return ops.MaskedDeltaLinear.apply(

@@ -87,11 +87,10 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
     scores: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
     forward_calls = dict.fromkeys(search, 0)
-    calls_in_forward: dict[str, int] = {}  # filled when the forward is done
 
     def sink_for(name: str, layer: SparseAdapterLinear):
         def sink(dy, x):
-            if name in direct_ks and calls_in_forward.get(name) == 1:
+            if name in direct_ks and forward_calls[name] == 1:
                 units = ops.delta_score_topk(dy, x, layer.delta.detach(), direct_ks[name], kind, layer.backend)
                 if units.numel() < direct_ks[name]:  # NaN scores are never selected
                     raise FloatingPointError(f"NaN in the mask score of {name}")
@@ -111,16 +110,15 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
     if kind == "wm":
         return {n: ref.delta_score(None, None, l.delta.detach(), "wm", l.block_size) for n, l in search.items()}, {}
     hooks = [layer.register_forward_hook(count_call(name)) for name, layer in search.items()]
-    try:
-        with score_mode(model, search, {n: sink_for(n, l) for n, l in search.items()}):
+    with score_mode(model, search, {n: sink_for(n, l) for n, l in search.items()}):
+        try:
             loss = loss_fn()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss of the score pass is {loss.item()}; training has diverged")
-            calls_in_forward.update(forward_calls)
-            loss.backward()
-    finally:
-        for hook in hooks:
-            hook.remove()
+        finally:  # counting stops with the forward: recomputed forwards come in the backward
+            for hook in hooks:
+                hook.remove()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss of the score pass is {loss.item()}; training has diverged")
+        loss.backward()
     missing = set(search) - set(scores) - set(kept)
     if missing:
         raise RuntimeError(f"the score pass did not reach adapter layers {sorted(missing)[:3]}")

@@ -99,14 +99,12 @@ class CompactDeltaLinear(torch.autograd.Function):
         impl = kernel_module("masked_delta", backend, x)
         ctx.save_for_backward(x, weight, values, indices, bias)
         ctx.impl, ctx.layout = impl, layout
-        kwargs = {} if impl is ref else {"layout": layout}
-        return impl.compact_delta_linear(x, weight, values, indices, bias, **kwargs)
+        return impl.compact_delta_linear(x, weight, values, indices, bias, **_layout_kwargs(impl, layout))
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, values, indices, bias = ctx.saved_tensors
-        impl = ctx.impl
-        kwargs = {} if impl is ref else {"layout": ctx.layout}
+        impl, kwargs = ctx.impl, _layout_kwargs(ctx.impl, ctx.layout)
         dy = dy.contiguous()
         dx = impl.compact_grad_input(dy, weight, values, indices, **kwargs) if ctx.needs_input_grad[0] else None
         dvalues = impl.compact_grad_values(dy, x, indices, **kwargs) if ctx.needs_input_grad[3] else None
@@ -141,13 +139,15 @@ class BlockSearchDeltaLinear(torch.autograd.Function):
     The kept tiles of the dense Ŵ are gathered into ``[n, B, B]`` blocks (keep-ratio-sized),
     so forward and dX are the fused block GEMMs and dŴ is the sampled product at the kept
     tiles only, scattered into a dense gradient that is zero outside the mask (what the
-    masked-dense path gives, for a fraction of the flops).
+    masked-dense path gives, for a fraction of the flops). ``layout``: the kernels'
+    ``BlockLayout`` of the mask's tiles (its ``block_indices`` are the kept tile ids).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, block_indices, block_size: int, layout, backend: str):
+    def forward(ctx, x, weight, bias, delta, layout, backend: str):
         impl = kernel_module("block_sparse", backend, x)
-        blocks = ref.gather_blocks(delta.detach(), block_indices, block_size)
+        block_indices = layout.block_indices
+        blocks = ref.gather_blocks(delta.detach(), block_indices, layout.block_size)
         ctx.save_for_backward(x, weight, blocks, block_indices, bias)
         ctx.impl, ctx.layout, ctx.shape = impl, layout, tuple(delta.shape)
         return impl.block_delta_linear(x, weight, blocks, block_indices, _bias_like(bias, x),
@@ -158,7 +158,7 @@ class BlockSearchDeltaLinear(torch.autograd.Function):
         x, weight, blocks, block_indices, bias = ctx.saved_tensors
         dx, dblocks = _block_backward(ctx, dy, x, weight, blocks, block_indices)
         ddelta = None if dblocks is None else ref.densify_blocks(dblocks, block_indices, ctx.shape)
-        return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), ddelta, None, None, None, None
+        return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), ddelta, None, None
 
 
 def _bias_like(bias, x):

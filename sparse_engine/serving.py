@@ -161,7 +161,7 @@ class _LayerPool:
 
     _TABLES: ClassVar[dict[str, str]] = {BLOCK: "blk_ptr", ELEMENT: "el_ptr"}
     _BUFFERS: ClassVar[dict[str, tuple[str, str]]] = {BLOCK: ("blocks", "block_cols"), ELEMENT: ("values", "cols")}
-    _TENSORS = ("blocks", "block_cols", "values", "cols", "blk_ptr", "el_ptr")
+    _TENSORS = (*_BUFFERS[BLOCK], *_BUFFERS[ELEMENT], *_TABLES.values())
 
     def __init__(self, name: str, shape: tuple[int, int], device, dtype):
         self.name = name
@@ -201,7 +201,7 @@ class _LayerPool:
 
     # -- accounting
     def table_bytes(self) -> int:
-        return sum(_nbytes(t) for t in (self.blk_ptr, self.el_ptr) if t is not None)
+        return sum(_nbytes(t) for t in (getattr(self, attr) for attr in self._TABLES.values()) if t is not None)
 
     def used_bytes(self) -> int:
         """Entries in use plus the pointer tables (allocated whole, ``slot_cap`` rows each)."""
@@ -277,9 +277,7 @@ class _LayerPool:
         data_attr, col_attr = self._BUFFERS[kind]
         table = getattr(self, self._TABLES[kind])
         used = self.n_blocks if kind == BLOCK else self.n_values
-        data, cols, used = self._compact((getattr(self, data_attr), getattr(self, col_attr)), used, offset, n, table)
-        setattr(self, data_attr, data)
-        setattr(self, col_attr, cols)
+        used = self._compact((getattr(self, data_attr), getattr(self, col_attr)), used, offset, n, table)
         if kind == BLOCK:
             self.n_blocks = used
         else:
@@ -293,15 +291,16 @@ class _LayerPool:
             self._empty_buffers(kind)
 
     @staticmethod
-    def _compact(arrays, used, offset, n, table):
+    def _compact(arrays, used, offset, n, table) -> int:
+        """Close the gap of ``n`` entries at ``offset`` in place; returns the new used count."""
         if n == 0:
-            return (*arrays, used)
+            return used
         tail = used - offset - n
         for arr in arrays:
             if tail:
                 arr[offset: offset + tail] = arr[offset + n: used].clone()
         table.sub_(torch.where(table >= offset + n, n, 0).to(table.dtype))
-        return (*arrays, used - n)
+        return used - n
 
     def shrink_to_fit(self, slot_cap: int) -> None:
         """Buffers down to the entries in use, pointer tables down to ``slot_cap`` rows."""
@@ -420,23 +419,20 @@ class _Batch:
         self.slots = [-1 if n is None else library._adapters[n].slot for n in names]
         self.kinds = [None if n is None else library._adapters[n].kind for n in names]
         self._plans: dict = {}
-        self._repeated: dict[int, _Batch] = {}
 
-    def for_rows(self, rows: int, layer: str, flattened: bool = False) -> _Batch:
-        """The assignment of a batch of ``rows`` rows: this one, or (``repeat_rows``, or
-        ``flattened``: 2-D activations, ``[batch·tokens, features]`` as OPT's MLP takes them)
-        each name repeated for its ``rows // len(self)`` consecutive rows."""
+    def rows_per_assignment(self, rows: int, layer: str, flattened: bool = False) -> int:
+        """How many consecutive rows of a batch of ``rows`` rows each assignment covers: 1, or
+        (``repeat_rows``, or ``flattened``: 2-D activations ``[batch·tokens, features]`` as OPT's
+        MLP takes them) ``rows // len(self)``. Those rows lay out the tokens of one request, so
+        the plans are this batch's with that many times the tokens per row."""
         if rows == len(self.names):
-            return self
+            return 1
         if not ((self.repeat_rows or flattened) and self.names and rows % len(self.names) == 0):
             raise ValueError(
                 f"layer {layer}: the batch has {rows} rows but {len(self.names)} adapter assignments were given "
                 "(one adapter name or None per row)"
             )
-        k = rows // len(self.names)
-        if k not in self._repeated:
-            self._repeated[k] = _Batch(self.library, [n for n in self.names for _ in range(k)])
-        return self._repeated[k]
+        return rows // len(self.names)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -816,14 +812,15 @@ class AdapterLibrary:
         if not self._active:
             return y
         rows = x.shape[0] if x.dim() >= 2 else 1
-        batch = self._active[-1].for_rows(rows, layer, flattened=x.dim() == 2)
+        batch = self._active[-1]
+        repeat = batch.rows_per_assignment(rows, layer, flattened=x.dim() == 2)
         pool = self._pools.get(layer)
         if pool is None or (pool.n_blocks == 0 and pool.n_values == 0):
             return y
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
             raise RuntimeError("the multi-adapter serving path is inference-only; run it under torch.no_grad()")
         per_row = x[0].numel() // x.shape[-1] if x.dim() >= 2 else 1
-        plans = batch.plans(per_row, x.device)
+        plans = batch.plans(per_row * repeat, x.device)
         if not plans:
             return y
         if x.device != pool.device:

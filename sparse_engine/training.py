@@ -130,6 +130,11 @@ class MaskSchedule:
         return sum(1 for layer in self.layers.values() if layer.kept_count > 0)
 
 
+def _epoch_index(epoch: float) -> int:
+    """0-based epoch of a Trainer step from its fractional ``state.epoch`` (1.0 ends epoch 0)."""
+    return max(0, math.ceil(epoch - 1e-9) - 1)
+
+
 def _mask_updates_before(global_step: int, epoch: float | None, config: SparseAdapterConfig) -> int:
     """Mask updates a Trainer run made up to ``global_step`` (the callback's rule: every
     ``update_interval``-th step whose epoch is within the mask epochs), from the resumed
@@ -139,7 +144,7 @@ def _mask_updates_before(global_step: int, epoch: float | None, config: SparseAd
     steps_per_epoch = global_step / epoch
     return sum(
         1 for step in range(config.update_interval, global_step + 1, config.update_interval)
-        if max(0, math.ceil(step / steps_per_epoch - 1e-9) - 1) < config.mask_epochs
+        if _epoch_index(step / steps_per_epoch) < config.mask_epochs
     )
 
 
@@ -220,12 +225,13 @@ def train_expert(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps))
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "mask_updates": 0}
+    settings = run_settings(model, config)
     if resume:
         if not config.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir")
         path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
         if path.exists():
-            state = load_checkpoint(path, model, optimizer, scheduler, run_settings(model, config))
+            state = load_checkpoint(path, model, optimizer, scheduler, settings)
     if schedule is not None:
         schedule.updates = state["mask_updates"]
 
@@ -273,7 +279,7 @@ def train_expert(
                 bar.set_postfix(loss=f"{total_loss:.4f}", epoch=state["epoch"] + 1)
                 if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
                     save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state,
-                                    run_settings(model, config))
+                                    settings)
             if b >= len(starts):
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
@@ -286,8 +292,7 @@ def train_expert(
         schedule.finish(optimizer, last_batch_loss())
         state["mask_updates"] = schedule.updates
     if config.checkpoint_dir:
-        save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state,
-                        run_settings(model, config))
+        save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, model, optimizer, scheduler, state, settings)
     model.train(was_training)
     return TrainResult(
         steps=state["step"],
@@ -464,7 +469,7 @@ class SparseAdapterCallback(_TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.schedule is None or self._last_inputs is None:
             return
-        epoch_index = max(0, math.ceil(state.epoch - 1e-9) - 1) if state.epoch is not None else 0
+        epoch_index = _epoch_index(state.epoch) if state.epoch is not None else 0
         self.schedule.after_optimizer_step(state.global_step, epoch_index, self._loss_fn(model), optimizer)
 
     def _loss_fn(self, model):
