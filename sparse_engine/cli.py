@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="resume each expert from its checkpoint in --out")
     train.add_argument("--cache-dir", default=None, help="built-in base model cache")
+    train.add_argument("--data-parallel", action="store_true",
+                       help="under torchrun: train each expert with all ranks together (default: split the experts "
+                            "across the ranks, each rank training its own)")
     _add_training_args(train, epochs=5, batch_size=16)
     _add_adapter_args(train, update_interval=100)
 
@@ -365,64 +368,79 @@ def _load_model(args):
     return model, tokenizer
 
 
-def _cmd_train(args) -> int:
-    from sparse_engine import data, evaluation
+def _cmd_train(args, ranks=None) -> int:
+    from sparse_engine import data, results as result_files
     from sparse_engine.config import DEFAULT_TARGET_MODULES, SparseAdapterConfig
-    from sparse_engine.experts import DEFAULT_LEARNING_RATES, ExpertSpec, run_experts
+    from sparse_engine.experts import DEFAULT_LEARNING_RATES, ExpertSpec, check_split, run_experts
+    from sparse_engine.ranks import Ranks
     from sparse_engine.training import TrainingConfig
 
-    # Validate everything cheap before loading a model or data.
-    adapter = SparseAdapterConfig(
-        keep_ratio=args.keep_ratio, score=args.score, update_interval=args.update_interval,
-        mask_epochs=args.mask_epochs, layer_drop=args.layer_drop, seed=args.seed, backend=args.backend,
-        target_modules=tuple(args.target_modules or DEFAULT_TARGET_MODULES),
-    )
+    ranks = ranks or Ranks()
     out = Path(args.out)
-    training = TrainingConfig(
-        epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        learning_rate=args.lr or DEFAULT_LEARNING_RATES[args.method], warmup_ratio=args.warmup_ratio,
-        max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
-        checkpoint_dir=str(out / "checkpoints") if (args.checkpoint_every or args.resume) else None,
-        checkpoint_every=args.checkpoint_every,
-    )
+
+    def prepare():
+        """Everything cheap before loading a model: every rank checks it, and a failure on one
+        (a file only one node lacks) stops them all."""
+        adapter = SparseAdapterConfig(
+            keep_ratio=args.keep_ratio, score=args.score, update_interval=args.update_interval,
+            mask_epochs=args.mask_epochs, layer_drop=args.layer_drop, seed=args.seed, backend=args.backend,
+            target_modules=tuple(args.target_modules or DEFAULT_TARGET_MODULES),
+        )
+        training = TrainingConfig(
+            epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            learning_rate=args.lr or DEFAULT_LEARNING_RATES[args.method], warmup_ratio=args.warmup_ratio,
+            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
+            checkpoint_dir=str(out / "checkpoints") if (args.checkpoint_every or args.resume) else None,
+            checkpoint_every=args.checkpoint_every,
+        )
+        if args.data is None:
+            known = set(data.list_builtin_tasks())
+            unknown = [t for t in args.tasks if t not in known]
+            if unknown:
+                raise ValueError(f"unknown built-in task(s) {unknown}; see `sparse-engine tasks` (or pass --data)")
+            tasks = {t: data.builtin_task_data(t, n_train=args.n_train, n_validation=0, n_test=args.n_test,
+                                               seed=args.seed) for t in args.tasks}
+        else:
+            tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=args.tasks,
+                                   max_examples_per_task=args.max_examples_per_task, seed=args.seed)
+        check_split(len(tasks), ranks, args.data_parallel)
+        return adapter, training, tasks
+
+    adapter, training, tasks = ranks.run(prepare)
+    ranks.check_same("the command line", vars(args))
+    ranks.check_same("the task data (sha256)", _fingerprint(tasks))
     builtin = args.data is None
-    if builtin:
-        known = set(data.list_builtin_tasks())
-        unknown = [t for t in args.tasks if t not in known]
-        if unknown:
-            raise ValueError(f"unknown built-in task(s) {unknown}; see `sparse-engine tasks` (or pass --data)")
-        tasks = {t: data.builtin_task_data(t, n_train=args.n_train, n_validation=0, n_test=args.n_test, seed=args.seed)
-                 for t in args.tasks}
-    else:
-        tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=args.tasks,
-                               max_examples_per_task=args.max_examples_per_task, seed=args.seed)
     max_length = args.max_length or (48 if builtin and args.model is None else 1024)
     max_new = args.max_new_tokens or (16 if builtin else 128)
-    model, tokenizer = _load_model(args)
+    model, tokenizer = ranks.main_first(lambda: _load_model(args))  # rank 0 builds a missing built-in base once
     spec = ExpertSpec(method=args.method, adapter=adapter, training=training, max_length=max_length)
     start = time.perf_counter()
     results = run_experts(model, tokenizer, tasks, [args.method], spec=spec,
                           learning_rates={args.method: training.learning_rate}, out_dir=out / "adapters",
-                          evaluate=args.eval, max_new_tokens=max_new, progress=not args.no_progress)
+                          evaluate=args.eval, max_new_tokens=max_new, progress=not args.no_progress,
+                          ranks=ranks, data_parallel=args.data_parallel)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["settings"] = {"adapter": adapter.to_dict(), "training": vars(args) | {"func": None}}
-    out.mkdir(parents=True, exist_ok=True)
-    evaluation.write_results_json(out / "results.json", results)
-    rows = []
-    for info in results["experts"]:
-        row = {"task": info["task"], "method": info["method"], "trainable params": info["trainable_params"],
-               "steps": info["steps"], "final loss": info["final_loss"]}
-        if args.eval:
-            row["base Rouge-L"] = round(results["scores"]["base"][info["task"]], 2)
-            row["expert Rouge-L"] = round(info["rouge_l"], 2)
-        if "adapter_file" in info:
-            row["adapter"] = info["adapter_file"]
-        rows.append(row)
-    table = evaluation.markdown_table(rows, list(rows[0].keys()))
-    (out / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"\nresults: {out / 'results.json'}")
+    results["world_size"] = ranks.size
+    results["settings"] = {"adapter": adapter.to_dict(), "training": vars(args)}
+    # one writer per run (rank 0), merged under a lock with what other runs wrote to --out
+    table = ranks.run(lambda: result_files.write_train_results(out, results)[1] if ranks.is_main else None)
+    if ranks.is_main:
+        print(table)
+        print(f"\nresults: {out / 'results.json'}")
     return 0
+
+
+def _fingerprint(tasks) -> str:
+    """A digest of every example of ``tasks``: ranks reading different files under the same names
+    would otherwise train experts that do not belong together."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, task in tasks.items():
+        for split in ("train", "validation", "test"):
+            for ex in getattr(task, split):
+                digest.update(repr((name, split, ex.source, ex.target)).encode())
+    return digest.hexdigest()
 
 
 def _cmd_tasks(args) -> int:
@@ -438,16 +456,51 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+# The commands that split their work across ranks under torchrun; the others run in one process.
+PARALLEL_COMMANDS = ("train", "reproduce")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval,
-                "reproduce": _cmd_reproduce}
+    handlers = {"demo": _cmd_demo, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval}
+    from sparse_engine.ranks import RankFailed
+
+    ranks = None
     try:
-        _check_paths_and_backend(args)
-        return handlers[args.command](args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        ranks = _start_ranks(args)
+        if ranks is None:
+            _check_paths_and_backend(args)
+            return handlers[args.command](args) if args.command in handlers else _run_parallel(args, None)
+        ranks.run(lambda: _check_paths_and_backend(args))
+        return _run_parallel(args, ranks)
+    except (ValueError, OSError, RankFailed) as exc:
+        print(f"error: {ranks.prefix() if ranks is not None else ''}{exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if ranks is not None:
+            import torch.distributed as dist
+
+            ranks.close()
+            dist.destroy_process_group()
+
+
+def _run_parallel(args, ranks) -> int:
+    return {"train": _cmd_train, "reproduce": _cmd_reproduce}[args.command](args, ranks)
+
+
+def _start_ranks(args):
+    """Under torchrun (several ranks): the process group and this rank's place; else None."""
+    import os
+
+    if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ):
+        return None  # one process: no torch import for the light commands
+    from sparse_engine import distributed
+    from sparse_engine.ranks import Ranks
+
+    if args.command not in PARALLEL_COMMANDS:
+        raise ValueError(f"`sparse-engine {args.command}` runs in one process: launch it without torchrun (only "
+                         f"{' and '.join(PARALLEL_COMMANDS)} split their work across ranks)")
+    return Ranks(distributed.init_from_env())
 
 
 def _check_paths_and_backend(args) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sparse_engine import data, evaluation
+from sparse_engine import data, distributed, evaluation
 from sparse_engine.baselines import attach_lora, matched_lora_rank, prepare_full_finetune
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.io import save_adapter
+from sparse_engine.ranks import Ranks
 from sparse_engine.training import TrainingConfig, train_expert
 
 METHODS = ("sparse", "block", "lora", "full")
@@ -45,10 +46,20 @@ class ExpertSpec:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
 
-def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSpec, out_dir: Path | None = None):
-    """Train one expert on ``task.train`` from a copy of ``base_model``; returns (model, info)."""
+def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSpec, out_dir: Path | None = None, *,
+                      process_group=distributed.AUTO):
+    """Train one expert on ``task.train`` from a copy of ``base_model``; returns (model, info).
+
+    ``process_group`` goes to :func:`~sparse_engine.training.train_expert`: ``"auto"`` trains
+    data-parallel over every rank under torchrun (one process otherwise), ``None`` trains in
+    this process alone (expert parallelism: each rank its own experts), or a group. With
+    several ranks every rank ends with the same expert and only the group's rank 0 writes the
+    expert file (``info`` then has no file on the other ranks)."""
     if not task.train:
         raise ValueError(f"task {task.name!r} has no training examples")
+    group = distributed.resolve_group(process_group)
+    if not distributed.is_main(group):
+        out_dir = None
     model = copy.deepcopy(base_model)
     dataset = data.TokenizedDataset(task.train, tokenizer, spec.max_length)
     collate = lambda b: data.collate_causal_lm(b, tokenizer.pad_token_id)  # noqa: E731
@@ -58,7 +69,7 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
     info = {"task": task.name, "method": spec.method}
     if spec.method in ("sparse", "block"):
         adapter = replace(spec.adapter, block_size=None if spec.method == "sparse" else (spec.adapter.block_size or 16))
-        result = train_expert(model, dataset, training, adapter=adapter, collate_fn=collate)
+        result = train_expert(model, dataset, training, adapter=adapter, collate_fn=collate, process_group=group)
         info["keep_ratio"] = adapter.keep_ratio
         if out_dir is not None:
             path = save_adapter(model, Path(out_dir) / f"{task.name}-{spec.method}.safetensors",
@@ -71,11 +82,11 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.training.seed * 1_000_003 + zlib.crc32(task.name.encode()))
             model = attach_lora(model, rank, spec.adapter.target_modules)
-        result = train_expert(model, dataset, training, collate_fn=collate)
+        result = train_expert(model, dataset, training, collate_fn=collate, process_group=group)
         info["lora_rank"] = rank
     else:
         prepare_full_finetune(model)
-        result = train_expert(model, dataset, training, collate_fn=collate)
+        result = train_expert(model, dataset, training, collate_fn=collate, process_group=group)
     if spec.method in ("lora", "full") and out_dir is not None:
         # Keep the expert's task vector for merging: LoRA factors (ΔW = scale·B·A per target
         # layer) or the full fine-tune's τ = W_ft − W of every parameter.
@@ -94,30 +105,73 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
     return model, info
 
 
+def check_split(n_jobs: int, ranks: Ranks, data_parallel: bool = False) -> None:
+    """Expert parallelism gives each rank whole experts: a rank without one is a launch mistake."""
+    if not data_parallel and ranks.size > n_jobs:
+        raise ValueError(
+            f"{n_jobs} expert(s) to train on {ranks.size} ranks: rank(s) {n_jobs}..{ranks.size - 1} would have "
+            f"nothing to train; launch at most {n_jobs} rank(s) (torchrun --nproc_per_node), or train each expert "
+            "with all ranks together (--data-parallel)")
+
+
 def run_experts(base_model, tokenizer, tasks: dict[str, data.TaskData], methods, *, spec: ExpertSpec,
                 learning_rates: dict | None = None, out_dir=None, evaluate: bool = True,
-                max_new_tokens: int = 16, progress: bool = True) -> dict:
-    """Train every (task, method) expert, evaluate base and experts on each task's test split."""
+                max_new_tokens: int = 16, progress: bool = True, ranks: Ranks | None = None,
+                data_parallel: bool = False) -> dict:
+    """Train every (task, method) expert, evaluate base and experts on each task's test split.
+
+    ``ranks``: the ranks of a multi-process run (torchrun); without it this process works
+    alone, even under torchrun. By default the experts are split across the ranks, round-robin
+    over the (task, method) jobs in order, and each rank trains its own alone and writes their
+    files. ``data_parallel``: every expert is trained by all ranks together, rank 0 writes its
+    file and scores it. The base evaluation is split across the ranks either way. Every rank
+    returns the complete results, experts in job order; each expert's ``ranks`` lists the
+    rank(s) that trained it.
+    """
+    ranks = ranks or Ranks()
     rates = dict(DEFAULT_LEARNING_RATES, **(learning_rates or {}))
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+    jobs = [(t, m) for t in tasks for m in methods]
+    check_split(len(jobs), ranks, data_parallel)
     gen = {"max_new_tokens": max_new_tokens, "max_length": spec.max_length}
     results = {"tasks": list(tasks), "methods": list(methods), "experts": [], "scores": {}}
     if evaluate:
-        results["scores"]["base"] = evaluation.evaluate_tasks(base_model, tokenizer, tasks, **gen)
-    jobs = [(t, m) for t in tasks for m in methods]
-    bar = tqdm(jobs, desc="experts", disable=not progress, dynamic_ncols=True)
-    for task_name, method in bar:
-        bar.set_postfix(task=task_name, method=method)
+        names = ranks.mine(tasks)
+        shares = ranks.gather(lambda: evaluation.evaluate_tasks(base_model, tokenizer, {t: tasks[t] for t in names},
+                                                                **gen))
+        base = {t: score for share in shares for t, score in share.items()}
+        results["scores"]["base"] = {t: base[t] for t in tasks}
+    # data-parallel: the default group (every rank, one expert at a time); else each rank alone
+    group, trained_by = (ranks.group, list(range(ranks.size))) if data_parallel else (None, [ranks.rank])
+
+    def train(job):
+        task_name, method = job
         job_spec = replace(spec, method=method, training=replace(spec.training, learning_rate=rates[method]))
-        model, info = train_task_expert(base_model, tokenizer, tasks[task_name], job_spec, out_dir)
-        if evaluate:
-            score = evaluation.evaluate_tasks(model, tokenizer, {task_name: tasks[task_name]}, **gen)[task_name]
-            info["rouge_l"] = score
-            results["scores"].setdefault(method, {})[task_name] = score
-        results["experts"].append(info)
+        model, info = train_task_expert(base_model, tokenizer, tasks[task_name], job_spec, out_dir,
+                                        process_group=group)
+        info["ranks"] = trained_by
+        if evaluate and (ranks.is_main or not data_parallel):  # data-parallel: the same expert on every rank
+            info["rouge_l"] = evaluation.evaluate_tasks(model, tokenizer, {task_name: tasks[task_name]},
+                                                        **gen)[task_name]
         del model
+        return info
+
+    desc = "experts" if ranks.size == 1 else f"experts [rank {ranks.rank}]"
+    if data_parallel:
+        # one agreement per expert: rank 0's record (it holds the file and the score)
+        bar = tqdm(jobs, desc=desc, disable=not progress, dynamic_ncols=True)
+        infos = [ranks.gather(lambda: train(job))[0] for job in bar]
+    else:
+        mine = ranks.mine(range(len(jobs)))
+        bar = tqdm(mine, desc=desc, disable=not progress, dynamic_ncols=True)
+        shares = ranks.gather(lambda: [(i, train(jobs[i])) for i in bar])
+        infos = [info for _, info in sorted((pair for share in shares for pair in share), key=lambda p: p[0])]
+    for info in infos:
+        if "rouge_l" in info:
+            results["scores"].setdefault(info["method"], {})[info["task"]] = info["rouge_l"]
+    results["experts"] = infos
     return results
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_engine import ops
+from sparse_engine import distributed, ops
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta, block_mask_to_elements
 from sparse_engine.kernels import reference as ref
@@ -37,6 +37,7 @@ class SparseAdapterLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SparseAdapterLinear wraps nn.Linear, got {type(base).__name__} for {name!r}")
+        distributed.refuse_sharded(base.weight, f"the weight of {name or 'the layer'}")
         d_out, d_in = base.weight.shape
         bs = config.block_size
         if bs is not None and (d_out % bs or d_in % bs):
@@ -153,6 +154,23 @@ class SparseAdapterLinear(nn.Module):
         self._kernel_aux = (source, version, layout)
         return layout
 
+    def check_unsharded(self) -> None:
+        """Refuse parameters that FSDP has sharded or flattened since ``attach`` (a clear error
+        now instead of a crash or a silent divergence at the first mask update)."""
+        delta = self._parameters.get("delta")
+        where = f"the sparse adapter {self.name or 'layer'}"
+        if delta is None:
+            raise RuntimeError(f"{where} no longer owns its parameter (flattened by FSDP?): sparse adapters support "
+                               "data parallelism with DDP, not FSDP")
+        distributed.refuse_sharded(delta, where)
+        distributed.refuse_sharded(self.base.weight, f"the weight under {where}")
+        expected = self.shape if self.phase == SEARCH else (
+            tuple(self.indices.shape) if self.block_size is None
+            else (self.indices.numel(), self.block_size, self.block_size))
+        if tuple(delta.shape) != tuple(expected) or tuple(self.base.weight.shape) != self.shape:
+            raise RuntimeError(f"{where} holds a parameter of shape {tuple(delta.shape)}, not {tuple(expected)} "
+                               "(sharded by FSDP?): sparse adapters support data parallelism with DDP, not FSDP")
+
     # ---------------------------------------------------------------- mask control
     def set_mask(self, kept: torch.Tensor) -> torch.Tensor:
         """Search phase: keep the units at int32 sorted flat ``kept`` indices; returns the element mask.
@@ -222,6 +240,7 @@ class SparseAdapterLinear(nn.Module):
 
     def to_sparse(self) -> SparseDelta | BlockSparseDelta:
         """The adapter as a validated container (fixed or search phase)."""
+        self.check_unsharded()
         values = self.delta.detach().reshape(-1)[self.compact_gather_index()] if self.phase == SEARCH else self.delta.detach()
         kept = self.kept_units()
         if self.block_size is None:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from sparse_engine import ops
+from sparse_engine import distributed, ops
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.kernels import reference as ref
 from sparse_engine.layers import FIXED, SparseAdapterLinear
@@ -63,16 +63,18 @@ def compute_scores(
     layers: dict[str, SparseAdapterLinear],
     loss_fn: Callable[[], torch.Tensor],
     config: SparseAdapterConfig,
+    group=None,
 ) -> dict[str, torch.Tensor]:
     """Per-layer mask scores (element ``[d_out, d_in]`` or tile ``[d_out/B, d_in/B]``).
 
     ``loss_fn`` runs the forward of the current batch and returns the loss; it is called
     once, with every adapter's mask ignored. For ``gd`` the score is |g| (the grow score).
+    With a data-parallel ``group`` the scores are those of the sum of the ranks' losses.
     """
-    return _score_pass(model, layers, loss_fn, config, {})[0]
+    return _score_pass(model, layers, loss_fn, config, {}, group)[0]
 
 
-def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
+def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int], group=None):
     """The score pass: (dense scores, kept units of the layers in ``direct_ks``).
 
     A layer in ``direct_ks`` that runs once in the forward gets its top ``direct_ks[name]``
@@ -81,12 +83,17 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
     its scores summed over the calls and falls back to the dense score. Calls are counted
     before the backward starts, so activation checkpointing's recomputed forwards (during
     the backward) do not count.
+
+    With a data-parallel ``group`` each layer keeps what the ranks must sum (its score if the
+    score is linear in G, else G itself), and the sums are taken after the backward, in model
+    order, before the scores are formed.
     """
     search = {n: l for n, l in layers.items() if l.phase != FIXED}
     kind = "gm" if config.score == "gd" else config.score
     scores: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
     forward_calls = dict.fromkeys(search, 0)
+    reduce_grad = group is not None and kind not in distributed.LINEAR_SCORES
 
     def sink_for(name: str, layer: SparseAdapterLinear):
         def sink(dy, x):
@@ -96,7 +103,10 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
                     raise FloatingPointError(f"NaN in the mask score of {name}")
                 kept[name] = units
                 return
-            s = ops.delta_score(dy, x, layer.delta.detach(), kind, layer.block_size, layer.backend)
+            if reduce_grad:
+                s = ops.delta_grad(dy, x, layer.backend)
+            else:
+                s = ops.delta_score(dy, x, layer.delta.detach(), kind, layer.block_size, layer.backend)
             scores[name] = s if name not in scores else scores[name] + s
 
         return sink
@@ -116,24 +126,35 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int]):
         finally:  # counting stops with the forward: recomputed forwards come in the backward
             for hook in hooks:
                 hook.remove()
-        if not torch.isfinite(loss):
+        diverged = not bool(torch.isfinite(loss))
+        if group is not None:  # every rank raises, or none does
+            diverged = distributed.any_rank(diverged, group)
+        if diverged:
             raise FloatingPointError(f"the loss of the score pass is {loss.item()}; training has diverged")
         loss.backward()
     missing = set(search) - set(scores) - set(kept)
     if missing:
         raise RuntimeError(f"the score pass did not reach adapter layers {sorted(missing)[:3]}")
+    if group is not None:
+        names = [n for n in search if n in scores]
+        distributed.all_reduce_sum_([scores[n] for n in names], group)
+        if reduce_grad:
+            scores = {n: ref.score_from_grad(scores[n], search[n].delta.detach(), kind, search[n].block_size)
+                      for n in names}
     for name, s in scores.items():
         if torch.isnan(s).any():
             raise FloatingPointError(f"NaN in the mask score of {name}")
     return scores, kept
 
 
-def _selects_in_the_score_pass(layer: SparseAdapterLinear, config: SparseAdapterConfig) -> bool:
+def _selects_in_the_score_pass(layer: SparseAdapterLinear, config: SparseAdapterConfig, group=None) -> bool:
     """Element layers on the Triton kernels with a per-layer k pick their top k in the score
     pass itself; the rest (block tiles, layer drop's global k, ``gd``/``wm``, the reference
-    backend) go through dense scores and ``select``."""
+    backend, and data parallelism, whose scores must be summed over the ranks first) go
+    through dense scores and ``select``."""
     return (
-        layer.block_size is None
+        group is None
+        and layer.block_size is None
         and layer.phase != FIXED
         and not config.layer_drop
         and config.score in ("mcs", "snip", "gm")
@@ -227,15 +248,22 @@ def apply_masks(layers: dict[str, SparseAdapterLinear], kept: dict[str, torch.Te
         _clear_state_outside(optimizer, layer.delta, mask)
 
 
-def update_masks(model, layers, loss_fn, config: SparseAdapterConfig, optimizer=None) -> dict[str, int]:
-    """One mask update of Algorithm 1; returns the kept units per layer."""
+def update_masks(model, layers, loss_fn, config: SparseAdapterConfig, optimizer=None, group=None) -> dict[str, int]:
+    """One mask update of Algorithm 1; returns the kept units per layer.
+
+    With a data-parallel ``group``, ``loss_fn`` is this rank's share of the global batch's
+    loss; the scores are summed over the ranks and rank 0's selection is installed everywhere.
+    """
     search = {n: l for n, l in layers.items() if l.phase != FIXED}
     if config.score == "wm":  # no gradient needed
         kept = _select_by_weight_magnitude(search, config) if search else {}
     else:
-        direct_ks = {n: config.kept_count(*l.shape) for n, l in search.items() if _selects_in_the_score_pass(l, config)}
-        scores, kept = _score_pass(model, layers, loss_fn, config, direct_ks)
+        direct_ks = {n: config.kept_count(*l.shape) for n, l in search.items()
+                     if _selects_in_the_score_pass(l, config, group)}
+        scores, kept = _score_pass(model, layers, loss_fn, config, direct_ks, group)
         kept.update(select(scores, layers, config))
+    if group is not None:
+        kept = distributed.broadcast_kept(kept, [n for n in search if n in kept], group)
     apply_masks(layers, kept, optimizer)
     return {n: int(k.numel()) for n, k in kept.items()}
 

@@ -187,6 +187,12 @@ def delta_score(dy, x, delta, score: str, block_size: int | None, backend: str) 
     return impl.delta_score(dy, x, delta, score, block_size)
 
 
+def delta_grad(dy, x, backend: str) -> torch.Tensor:
+    """G = dYᵀX, dense fp32 ``[d_out, d_in]`` (what data-parallel ranks sum before a nonlinear score)."""
+    impl = kernel_module("masked_delta", backend, x)
+    return impl.masked_delta_grad_delta(dy, x, None)
+
+
 def delta_score_topk(dy, x, delta, k: int, score: str, backend: str) -> torch.Tensor:
     """int32 sorted flat indices of the ``k`` largest element scores; the Triton version
     writes no dense score (see ``masked_delta.delta_score_topk``)."""
