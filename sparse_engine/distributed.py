@@ -158,6 +158,15 @@ def ignore_adapter_buffers(model: nn.Module, buffer_names) -> None:
     model._ddp_params_and_buffers_to_ignore = sorted(names)
 
 
+def stop_ignoring(model: nn.Module, buffer_names) -> None:
+    """Undo ``ignore_adapter_buffers`` (the adapters were taken off)."""
+    names = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) - set(buffer_names)
+    if names:
+        model._ddp_params_and_buffers_to_ignore = sorted(names)
+    elif hasattr(model, "_ddp_params_and_buffers_to_ignore"):
+        del model._ddp_params_and_buffers_to_ignore
+
+
 def wrap(module: nn.Module, group) -> DDP:
     """DDP over ``group`` (one device per rank: the module's CUDA device, or the CPU)."""
     device = next(module.parameters()).device

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from sparse_engine import distributed
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.layers import SparseAdapterLinear
 
@@ -26,6 +27,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def adapter_layers(model: nn.Module) -> dict[str, SparseAdapterLinear]:
     """Adapter layers by qualified name of the module they replaced, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseAdapterLinear)}
+
+
+def adapter_buffer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the adapters' mask / index buffers (DDP must not broadcast them)."""
+    return [f"{name}.{buf}" for name in adapter_layers(model) for buf in ("mask", "indices")]
 
 
 def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
@@ -81,6 +87,7 @@ def attach(model: nn.Module, config: SparseAdapterConfig | None = None) -> nn.Mo
         p.requires_grad_(False)
     for name, wrapper in wrappers.items():
         _set_submodule(model, name, wrapper)
+    distributed.ignore_adapter_buffers(model, adapter_buffer_names(model))
     model._sparse_requires_grad = frozen
     setattr(model, CONFIG_ATTR, config)
     return model
@@ -90,6 +97,7 @@ def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model has no sparse adapters attached")
+    distributed.stop_ignoring(model, adapter_buffer_names(model))
     for name, layer in layers.items():
         _set_submodule(model, name, layer.to_linear(merge))
     flags = getattr(model, "_sparse_requires_grad", {})

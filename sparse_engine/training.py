@@ -29,7 +29,8 @@ from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import weights_fingerprint
 from sparse_engine.layers import FIXED, SEARCH
 from sparse_engine.masking import freeze_masks, replace_parameter, update_masks
-from sparse_engine.model import adapter_config, adapter_layers, attach, trainable_parameter_count
+from sparse_engine.model import (adapter_buffer_names, adapter_config, adapter_layers, attach,
+                                 trainable_parameter_count)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -278,7 +279,7 @@ def train_expert(
             raise ValueError(f"the training dataset has {n} examples, which {world} ranks cannot share equally; "
                              f"trim it to {n - n % world} (or a multiple of {world}) examples")
         if ddp is None:
-            distributed.ignore_adapter_buffers(module, _adapter_buffer_names(module))
+            distributed.ignore_adapter_buffers(module, adapter_buffer_names(module))
             ddp = distributed.wrap(module, group)
         elif resumed:  # the checkpoint may have switched adapters to compact storage
             distributed.rebuild(ddp)
@@ -416,10 +417,6 @@ def _step_loss(outputs, batch: dict, group, world: int, step: int):
         raise FloatingPointError(f"non-finite training loss at step {step} "
                                  f"({int(bad_ranks)} rank(s) with a non-finite loss, {int(total)} label tokens)")
     return _weighted(outputs, weight * world / total), loss_sum / total, weight
-
-
-def _adapter_buffer_names(module: nn.Module) -> list[str]:
-    return [f"{name}.{buf}" for name in adapter_layers(module) for buf in ("mask", "indices")]
 
 
 def _state_fingerprint(module: nn.Module) -> dict:

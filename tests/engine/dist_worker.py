@@ -99,7 +99,6 @@ def run_config(cfg: dict, batch_size: int, process_group=None, world: int = 1, w
                               checkpoint_every=cfg.get("checkpoint_every", 0))
     target = model
     if wrap_ddp:
-        distributed.ignore_adapter_buffers(model, [f"{n}.{b}" for n in adapter_layers(model) for b in ("mask", "indices")])
         target = torch.nn.parallel.DistributedDataParallel(model)
     with recorded_masks() as updates, recorded_rebuilds(dense_refs) as freed:
         result = train_expert(target, varied_lm_data(cfg.get("n", 24)), training, collate_fn=collate,
@@ -116,14 +115,34 @@ def scenario_train(rank, args) -> dict:
             for cfg in args["configs"]}
 
 
+class Interrupted(Exception):
+    pass
+
+
 def scenario_resume(rank, args) -> dict:
-    cfg = dict(args["config"])
-    ckpt = Path(args["checkpoint_dir"])
-    interrupted = run_config(dict(cfg, checkpoint_dir=str(ckpt), checkpoint_every=1, max_steps=args["stop_at"]),
-                             args["batch_size"], process_group="auto")
-    resumed = run_config(dict(cfg, checkpoint_dir=str(ckpt), checkpoint_every=1, resume=True),
-                         args["batch_size"], process_group="auto")
-    return {"interrupted": interrupted, "resumed": resumed}
+    """Every rank stops during step ``stop_at + 1`` (after its checkpoint at ``stop_at``), then
+    the run is resumed from that checkpoint."""
+    from sparse_engine.training import MaskSchedule
+
+    cfg = dict(args["config"], checkpoint_dir=args["checkpoint_dir"], checkpoint_every=1)
+    original = MaskSchedule.after_optimizer_step
+
+    def stop(self, global_step, *a, **kw):
+        if global_step == args["stop_at"] + 1:
+            raise Interrupted
+        return original(self, global_step, *a, **kw)
+
+    MaskSchedule.after_optimizer_step = stop
+    try:
+        run_config(cfg, args["batch_size"], process_group="auto")
+        raise AssertionError("the run was not interrupted")
+    except Interrupted:
+        pass
+    finally:
+        MaskSchedule.after_optimizer_step = original
+    stopped_at = torch.load(Path(args["checkpoint_dir"]) / "checkpoint.pt", weights_only=False)["state"]["step"]
+    resumed = run_config(dict(cfg, resume=True), args["batch_size"], process_group="auto")
+    return {"stopped_at": stopped_at, "resumed": resumed}
 
 
 def scenario_errors(rank, args) -> dict:
@@ -179,8 +198,8 @@ class SequentialTrainer:
                 return SequentialSampler(self.train_dataset)
 
         kw = dict(output_dir=str(output_dir), num_train_epochs=2, per_device_train_batch_size=batch_size,
-                  learning_rate=1e-2, warmup_ratio=0.0, logging_steps=100, save_strategy="no", report_to=[],
-                  use_cpu=True, disable_tqdm=True, seed=0, ddp_backend="gloo", dataloader_drop_last=False)
+                  learning_rate=1e-2, warmup_steps=0, logging_steps=100, save_strategy="no", report_to=[],
+                  use_cpu=True, disable_tqdm=True, seed=0, ddp_find_unused_parameters=False)
         kw.update(overrides)
         return _Trainer(model=model, args=TrainingArguments(**kw), train_dataset=data, data_collator=collate,
                         callbacks=[callback])
@@ -212,8 +231,7 @@ SCENARIOS = {"train": scenario_train, "resume": scenario_resume, "errors": scena
 
 def main() -> None:
     scenario, out_dir, args = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
-    if scenario != "trainer":  # the Trainer (accelerate) initialises the group itself
-        torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = int(__import__("os").environ["RANK"])
     torch.manual_seed(0)
     result = SCENARIOS[scenario](rank, args)
