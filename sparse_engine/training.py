@@ -592,6 +592,10 @@ class SparseAdapterCallback(_TrainerCallback):
         self._group = distributed.resolve_group(self._process_group)
         self._ddp = None
         self.schedule = MaskSchedule(model, self._group)
+        if self._group is not None:  # e.g. another adapter file or keep ratio on one rank
+            distributed.check_same_on_all_ranks(
+                "the sparse adapters (config, base weights, masks, values)",
+                {"config": self.schedule.config.to_dict(), "state": _state_fingerprint(model)}, self._group)
         if state.global_step > 0 and not self.schedule.frozen:
             # resumed from a mask-epoch checkpoint: the callback's own count is gone, the steps are not
             self.schedule.updates = _mask_updates_before(state.global_step, state.epoch, self.schedule.config)

@@ -160,6 +160,18 @@ def scenario_errors(rank, args) -> dict:
         out["indivisible"] = "no error"
     except ValueError as exc:
         out["indivisible"] = str(exc)
+    # the Trainer with another adapter on one rank
+    from sparse_engine.training import SparseAdapterCallback
+
+    model = tiny_phi3(seed=0)
+    attach(model, SparseAdapterConfig(keep_ratio=0.1 * (1 + rank), update_interval=1))
+    trainer = SequentialTrainer.make(Path(args["out"]) / f"trainer-{rank}", model, varied_lm_data(),
+                                     SparseAdapterCallback(), 4)
+    try:
+        trainer.train()
+        out["trainer_different_adapters"] = "no error"
+    except ValueError as exc:
+        out["trainer_different_adapters"] = str(exc)
     # FSDP2: attach then shard, and shard then attach
     from torch.distributed.fsdp import fully_shard
 

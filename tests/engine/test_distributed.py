@@ -119,10 +119,13 @@ def test_a_resumed_two_rank_run_equals_the_uninterrupted_one(tmp_path):
 
 
 def test_bad_input_is_one_clear_error_on_every_rank(tmp_path):
-    """Different settings on the ranks, a dataset the ranks cannot share, and FSDP2 (either
-    order) fail at once on every rank with an error naming the fix; no rank hangs."""
-    assert_all_ok(run_ranks("errors", tmp_path, timeout=180))
+    """Different settings on the ranks (train_expert, the Trainer), a dataset the ranks cannot
+    share, and FSDP2 (either order) fail at once on every rank with an error naming the fix;
+    no rank hangs."""
+    assert_all_ok(run_ranks("errors", tmp_path, timeout=180, args={"out": str(tmp_path)}))
     for r in _load(tmp_path):
+        assert "differs between ranks" in r["trainer_different_adapters"]
+        assert "keep_ratio" in r["trainer_different_adapters"]
         assert "differs between ranks" in r["different_configs"] and "update_interval" in r["different_configs"]
         assert "23 examples" in r["indivisible"] and "trim it to 22" in r["indivisible"]
         assert "DDP" in r["fsdp_attach_then_shard"] and "FSDP" in r["fsdp_attach_then_shard"]
