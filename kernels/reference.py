@@ -108,23 +108,16 @@ def delta_score(dy, x, delta, score: str = "mcs", block_size: int | None = None)
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    grad = None if score == "wm" else _weight_grad_fp32(dy, x)
-    return score_from_grad(grad, delta, score, block_size)
-
-
-def score_from_grad(grad, delta, score: str = "mcs", block_size: int | None = None):
-    """The score of ``delta_score`` from a given fp32 G (``None`` for ``wm``): used when G is
-    summed over data-parallel ranks before the nonlinear scores are taken."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if score == "wm":
         scores = delta.float().abs()
-    elif score == "mcs":
-        scores = delta.float() * grad
-    elif score == "snip":
-        scores = (delta.float() * grad).abs()
     else:
-        scores = grad.abs()
+        grad = _weight_grad_fp32(dy, x)
+        if score == "mcs":
+            scores = delta.float() * grad
+        elif score == "snip":
+            scores = (delta.float() * grad).abs()
+        else:
+            scores = grad.abs()
     return scores if block_size is None else block_sum(scores, block_size)
 
 

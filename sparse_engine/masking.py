@@ -139,7 +139,7 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int], group
         names = [n for n in search if n in scores]
         distributed.all_reduce_sum_([scores[n] for n in names], group)
         if reduce_grad:
-            scores = {n: ref.score_from_grad(scores[n], search[n].delta.detach(), kind, search[n].block_size)
+            scores = {n: ref.delta_grad_score(search[n].delta.detach(), scores[n], kind, search[n].block_size)
                       for n in names}
     for name, s in scores.items():
         if torch.isnan(s).any():
