@@ -316,7 +316,7 @@ def train_expert(
                     chunk = order[s: s + global_batch]
                     share = len(chunk) // world  # equal shares: n is a multiple of the world size
                     mine = chunk[rank * share: (rank + 1) * share]
-                    batch = _to_device(collate_fn([train_dataset[int(i)] for i in mine]), device)
+                    batch = _build_batch(train_dataset, mine, collate_fn, device, group)
                     last_micro_batch = j == len(window) - 1
                     sync = contextlib.nullcontext() if ddp is None or last_micro_batch else ddp.no_sync()
                     with sync:
@@ -373,6 +373,21 @@ def train_expert(
         losses=state["losses"],
         world_size=world,
     )
+
+
+def _build_batch(dataset, indices, collate_fn, device, group) -> dict:
+    """This rank's micro-batch. With several ranks a failure here (a bad example, a collate
+    error) is agreed on before the forward, whose DDP collectives would otherwise wait for the
+    failed rank forever: every rank raises."""
+    try:
+        batch, error = _to_device(collate_fn([dataset[int(i)] for i in indices]), device), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        batch, error = None, exc
+    if group is not None and distributed.any_rank(error is not None, group) and error is None:
+        raise RuntimeError("another rank failed to build its micro-batch (see its error); stopping on every rank")
+    if error is not None:
+        raise error
+    return batch
 
 
 def loss_weight(batch: dict) -> int:

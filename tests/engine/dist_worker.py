@@ -160,6 +160,23 @@ def scenario_errors(rank, args) -> dict:
         out["indivisible"] = "no error"
     except ValueError as exc:
         out["indivisible"] = str(exc)
+    # a rank whose data fails mid-run (its third example): every rank stops, none waits
+    class FailingOnRank1(list):
+        calls = 0
+
+        def __getitem__(self, i):
+            FailingOnRank1.calls += 1
+            if rank == 1 and FailingOnRank1.calls == 3:
+                raise KeyError("example 3 is broken")
+            return super().__getitem__(i)
+
+    model = tiny_phi3(seed=0)
+    try:
+        train_expert(model, FailingOnRank1(varied_lm_data()), TrainingConfig(epochs=1, batch_size=4, progress=False),
+                     adapter=SparseAdapterConfig(keep_ratio=0.1, update_interval=1), collate_fn=collate)
+        out["data_error"] = "no error"
+    except (KeyError, RuntimeError) as exc:
+        out["data_error"] = f"{type(exc).__name__}: {exc}"
     # the Trainer with another adapter on one rank
     from sparse_engine.training import SparseAdapterCallback
 

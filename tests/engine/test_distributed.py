@@ -120,10 +120,13 @@ def test_a_resumed_two_rank_run_equals_the_uninterrupted_one(tmp_path):
 
 def test_bad_input_is_one_clear_error_on_every_rank(tmp_path):
     """Different settings on the ranks (train_expert, the Trainer), a dataset the ranks cannot
-    share, and FSDP2 (either order) fail at once on every rank with an error naming the fix;
-    no rank hangs."""
+    share, a data error on one rank mid-run, and FSDP2 (either order) fail on every rank with
+    an error naming the fix; no rank hangs."""
     assert_all_ok(run_ranks("errors", tmp_path, timeout=180, args={"out": str(tmp_path)}))
-    for r in _load(tmp_path):
+    ranks = _load(tmp_path)
+    assert ranks[1]["data_error"] == "KeyError: 'example 3 is broken'"
+    assert ranks[0]["data_error"].startswith("RuntimeError: another rank failed to build its micro-batch")
+    for r in ranks:
         assert "differs between ranks" in r["trainer_different_adapters"]
         assert "keep_ratio" in r["trainer_different_adapters"]
         assert "differs between ranks" in r["different_configs"] and "update_interval" in r["different_configs"]
