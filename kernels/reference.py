@@ -129,16 +129,17 @@ def compact_effective_weight(weight, values, indices):
     return flat.view(weight.shape)
 
 
-def compact_delta_linear(x, weight, values, indices, bias=None):
-    """y = x (W + ΔW)ᵀ + b with ΔW given by compact ``values`` at flat ``indices``."""
+def compact_delta_linear(x, weight, values, indices, bias=None, layout=None):
+    """y = x (W + ΔW)ᵀ + b with ΔW given by compact ``values`` at flat ``indices`` (``layout``:
+    the launchers' index layout, which the twin does not need)."""
     return _linear_with(x, compact_effective_weight(weight, values, indices), bias)
 
 
-def compact_grad_input(dy, weight, values, indices):
+def compact_grad_input(dy, weight, values, indices, layout=None):
     return dy @ compact_effective_weight(weight, values, indices).to(dy.dtype)
 
 
-def compact_grad_values(dy, x, indices):
+def compact_grad_values(dy, x, indices, layout=None):
     """d values = (dYᵀ X) at the kept flat indices, fp32 ``[nnz]`` (dense product, then gather)."""
     return _weight_grad_fp32(dy, x).flatten()[indices.long()]
 
@@ -150,16 +151,16 @@ def block_effective_weight(weight, blocks, block_indices):
     return weight.float() + densify_blocks(blocks, block_indices, tuple(weight.shape))
 
 
-def block_delta_linear(x, weight, blocks, block_indices, bias=None):
+def block_delta_linear(x, weight, blocks, block_indices, bias=None, *, layout=None):
     """y = x (W + ΔW)ᵀ + b with ΔW given by ``B×B`` blocks at flat block ids."""
     return _linear_with(x, block_effective_weight(weight, blocks, block_indices), bias)
 
 
-def block_grad_input(dy, weight, blocks, block_indices):
+def block_grad_input(dy, weight, blocks, block_indices, *, layout=None):
     return dy @ block_effective_weight(weight, blocks, block_indices).to(dy.dtype)
 
 
-def block_grad_blocks(dy, x, block_indices, block_size: int):
+def block_grad_blocks(dy, x, block_indices, block_size: int, *, layout=None):
     """d blocks = (dYᵀ X) at the kept tiles, fp32 ``[n, B, B]`` (dense product, then gather)."""
     return gather_blocks(_weight_grad_fp32(dy, x), block_indices, block_size)
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_engine import distributed, ops
+from sparse_engine import backend, distributed, ops
+from sparse_engine.backend import Kernels
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta, block_mask_to_elements
 from sparse_engine.kernels import reference as ref
@@ -105,52 +106,52 @@ class SparseAdapterLinear(nn.Module):
         )
 
     # --------------------------------------------------------------------- forward
+    @property
+    def kernels(self) -> Kernels:
+        """The implementations this layer runs with, for the device its weight is on."""
+        return backend.resolve(self.backend, self.base.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self.kernels
         if self.phase == SEARCH:
-            if self.block_size is not None and not self.mask_ignored and self.score_sink is None:
-                impl = ops.kernel_module("block_sparse", self.backend, x)
-                if impl is not ref:
-                    layout = self._kernel_layout(impl, self.mask)
-                    return ops.BlockSearchDeltaLinear.apply(
-                        x, self.base.weight, self.base.bias, self.delta, layout, self.backend
-                    )
+            if (self.block_size is not None and kernels.triton and not self.mask_ignored
+                    and self.score_sink is None):
+                # the kernels train a block layer's search phase on its kept tiles only
+                layout = self._kernel_layout(kernels, self.mask)
+                return ops.BlockSearchDeltaLinear.apply(x, self.base.weight, self.base.bias, self.delta, layout,
+                                                        kernels)
             mask = None if self.mask_ignored else self.mask
             return ops.MaskedDeltaLinear.apply(
-                x, self.base.weight, self.base.bias, self.delta, mask, self.backend, self.score_sink
+                x, self.base.weight, self.base.bias, self.delta, mask, kernels, self.score_sink
             )
         if self.indices.numel() == 0:  # dropped layer (layer drop): nothing to add
             return F.linear(x, self.base.weight, self.base.bias)
-        kind = "masked_delta" if self.block_size is None else "block_sparse"
-        impl = ops.kernel_module(kind, self.backend, x)
-        layout = None if impl is ref else self._kernel_layout(impl, self.indices)
-        if self.block_size is None:
-            return ops.CompactDeltaLinear.apply(
-                x, self.base.weight, self.base.bias, self.delta, self.indices, layout, self.backend
-            )
-        return ops.BlockDeltaLinear.apply(
-            x, self.base.weight, self.base.bias, self.delta, self.indices, layout, self.backend
-        )
+        layout = self._kernel_layout(kernels, self.indices)
+        function = ops.CompactDeltaLinear if self.block_size is None else ops.BlockDeltaLinear
+        return function.apply(x, self.base.weight, self.base.bias, self.delta, self.indices, layout, kernels)
 
-    def _kernel_layout(self, impl, source: torch.Tensor):
-        """The Triton kernels' index layout of the kept units, built from ``source`` (the
-        fixed-phase ``indices``, or the search-phase ``mask`` of a block-sparse layer) and
-        rebuilt whenever ``source`` is another tensor or was written in place since: after
-        ``set_mask``, ``load_state_dict``, ``.to(device)``. (An inference tensor has no version
-        counter; it is matched by identity.)
+    def _kernel_layout(self, kernels: Kernels, source: torch.Tensor):
+        """The Triton kernels' index layout of the kept units (None on the reference), built
+        from ``source`` (the fixed-phase ``indices``, or the search-phase ``mask`` of a
+        block-sparse layer) and rebuilt whenever ``source`` is another tensor or was written in
+        place since: after ``set_mask``, ``load_state_dict``, ``.to(device)``. (An inference
+        tensor has no version counter; it is matched by identity.)
 
         Built outside inference mode, so that a layout first built in an evaluation step can
         still be saved for backward by a later training step."""
+        if not kernels.triton:
+            return None
         version = None if source.is_inference() else source._version
         cached = self._kernel_aux
         if cached is not None and cached[0] is source and cached[1] == version:
             return cached[2]
         with torch.inference_mode(False):
             if self.phase == SEARCH:
-                layout = impl.build_block_layout(self.kept_units(), self.shape, self.block_size)
+                layout = kernels.block_layout(self.kept_units(), self.shape, self.block_size)
             elif self.block_size is None:
-                layout = impl.build_compact_layout(self.indices, self.shape)
+                layout = kernels.compact_layout(self.indices, self.shape)
             else:
-                layout = impl.build_block_layout(self.indices, self.shape, self.block_size)
+                layout = kernels.block_layout(self.indices, self.shape, self.block_size)
         self._kernel_aux = (source, version, layout)
         return layout
 

@@ -98,15 +98,15 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int], group
     def sink_for(name: str, layer: SparseAdapterLinear):
         def sink(dy, x):
             if name in direct_ks and forward_calls[name] == 1:
-                units = ops.delta_score_topk(dy, x, layer.delta.detach(), direct_ks[name], kind, layer.backend)
+                units = ops.delta_score_topk(dy, x, layer.delta.detach(), direct_ks[name], kind, layer.kernels)
                 if units.numel() < direct_ks[name]:  # NaN scores are never selected
                     raise FloatingPointError(f"NaN in the mask score of {name}")
                 kept[name] = units
                 return
             if reduce_grad:
-                s = ops.delta_grad(dy, x, layer.backend)
+                s = ops.delta_grad(dy, x, layer.kernels)
             else:
-                s = ops.delta_score(dy, x, layer.delta.detach(), kind, layer.block_size, layer.backend)
+                s = ops.delta_score(dy, x, layer.delta.detach(), kind, layer.block_size, layer.kernels)
             scores[name] = s if name not in scores else scores[name] + s
 
         return sink
@@ -158,12 +158,13 @@ def _selects_in_the_score_pass(layer: SparseAdapterLinear, config: SparseAdapter
         and layer.phase != FIXED
         and not config.layer_drop
         and config.score in ("mcs", "snip", "gm")
-        and ops.use_triton(layer.backend, layer.delta)
+        and layer.kernels.triton
     )
 
 
-def _topk_impl(config: SparseAdapterConfig, tensor: torch.Tensor):
-    return ops.kernel_module("topk_mask", config.backend, tensor)
+def _topk_impl(layers: dict[str, SparseAdapterLinear]):
+    """The batched top-k of the layers' backend (one call covers every layer)."""
+    return next(iter(layers.values())).kernels.topk
 
 
 def select(
@@ -181,7 +182,7 @@ def select(
         raise KeyError(f"scores for layers that are not adapted: {sorted(set(scores) - set(names))[:3]}")
     if not names:
         return {}
-    impl = _topk_impl(config, scores[names[0]])
+    impl = _topk_impl(layers)
     if config.score == "gd":
         return _grow_and_drop({n: scores[n] for n in names}, layers, config, impl)
     ks = [config.kept_count(*layers[n].shape) for n in names]
@@ -195,7 +196,7 @@ def _select_by_weight_magnitude(layers: dict[str, SparseAdapterLinear], config: 
     names = list(layers)
     deltas = [layers[n].delta.detach() for n in names]
     ks = [config.kept_count(*layers[n].shape) for n in names]
-    impl = _topk_impl(config, deltas[0])
+    impl = _topk_impl(layers)
     per_layer, global_k = (None, sum(ks)) if config.layer_drop else (ks, None)
     kept = impl.topk_from_delta_grad(deltas, None, "wm", ks=per_layer, global_k=global_k, block_size=config.block_size)
     return dict(zip(names, kept))

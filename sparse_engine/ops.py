@@ -1,8 +1,9 @@
-"""Autograd Functions of the sparse-adapter layers and the backend dispatch.
+"""Autograd Functions of the sparse-adapter layers.
 
 Each Function saves the minimum (the activations and references to the frozen weight and
-the adapter storage) and calls either a Triton launcher (``sparse_engine.kernels.*``) or
-its plain-PyTorch twin (``sparse_engine.kernels.reference``), which share signatures.
+the adapter storage) and calls the implementations of the layer's ``backend.Kernels``: the
+Triton launchers (``sparse_engine.kernels.*``) or their plain-PyTorch twins
+(``sparse_engine.kernels.reference``), which share signatures.
 
 Three storage phases of a layer:
 
@@ -18,47 +19,12 @@ gradient for Ŵ, so no dense gradient is stored in ``.grad``.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
 
-from sparse_engine.kernels import _triton
+from sparse_engine.backend import Kernels
 from sparse_engine.kernels import reference as ref
-
-_KERNEL_MODULES = {
-    "masked_delta": "sparse_engine.kernels.masked_delta",
-    "block_sparse": "sparse_engine.kernels.block_sparse",
-    "topk_mask": "sparse_engine.kernels.topk_mask",
-}
-
-
-def use_triton(backend: str, tensor: torch.Tensor) -> bool:
-    """Resolve ``backend`` for data living on ``tensor``'s device."""
-    if backend == "reference":
-        return False
-    if backend == "auto":
-        return tensor.is_cuda and _triton.HAS_TRITON
-    if backend == "triton":
-        if not _triton.triton_usable_for(tensor):
-            raise RuntimeError(
-                "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 set before import "
-                f"for the CPU interpreter); got a {tensor.device.type} tensor, triton installed: {_triton.HAS_TRITON}"
-            )
-        return True
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def kernel_module(kind: str, backend: str, tensor: torch.Tensor):
-    """The module implementing ``kind`` for this backend: a Triton launcher module or the reference."""
-    if not use_triton(backend, tensor):
-        return ref
-    try:
-        return importlib.import_module(_KERNEL_MODULES[kind])
-    except ImportError as exc:
-        if backend == "triton":
-            raise RuntimeError(f"Triton kernels for {kind} are not available: {exc}") from exc
-        return ref
 
 
 def _bias_grad(dy: torch.Tensor, bias: torch.Tensor | None, needed: bool):
@@ -71,8 +37,8 @@ class MaskedDeltaLinear(torch.autograd.Function):
     """y = x (W + Ŵ⊙M)ᵀ + b with dense Ŵ (search phase). ``mask=None``: mask ignored."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, mask, backend: str, score_sink: Callable | None):
-        impl = kernel_module("masked_delta", backend, x)
+    def forward(ctx, x, weight, bias, delta, mask, kernels: Kernels, score_sink: Callable | None):
+        impl = kernels.masked_delta
         ctx.save_for_backward(x, weight, delta, mask, bias)
         ctx.impl, ctx.score_sink = impl, score_sink
         return impl.masked_delta_linear(x, weight, delta, mask, bias)
@@ -95,19 +61,19 @@ class CompactDeltaLinear(torch.autograd.Function):
     """y = x (W + ΔW)ᵀ + b with ΔW as compact fp32 values at int32 flat indices (fixed phase)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, layout, backend: str):
-        impl = kernel_module("masked_delta", backend, x)
+    def forward(ctx, x, weight, bias, values, indices, layout, kernels: Kernels):
+        impl = kernels.masked_delta
         ctx.save_for_backward(x, weight, values, indices, bias)
         ctx.impl, ctx.layout = impl, layout
-        return impl.compact_delta_linear(x, weight, values, indices, bias, **_layout_kwargs(impl, layout))
+        return impl.compact_delta_linear(x, weight, values, indices, bias, layout=layout)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, values, indices, bias = ctx.saved_tensors
-        impl, kwargs = ctx.impl, _layout_kwargs(ctx.impl, ctx.layout)
+        impl, layout = ctx.impl, ctx.layout
         dy = dy.contiguous()
-        dx = impl.compact_grad_input(dy, weight, values, indices, **kwargs) if ctx.needs_input_grad[0] else None
-        dvalues = impl.compact_grad_values(dy, x, indices, **kwargs) if ctx.needs_input_grad[3] else None
+        dx = impl.compact_grad_input(dy, weight, values, indices, layout=layout) if ctx.needs_input_grad[0] else None
+        dvalues = impl.compact_grad_values(dy, x, indices, layout=layout) if ctx.needs_input_grad[3] else None
         return dx, None, _bias_grad(dy, bias, ctx.needs_input_grad[2]), dvalues, None, None, None
 
 
@@ -118,12 +84,11 @@ class BlockDeltaLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, blocks, block_indices, layout, backend: str):
-        impl = kernel_module("block_sparse", backend, x)
+    def forward(ctx, x, weight, bias, blocks, block_indices, layout, kernels: Kernels):
+        impl = kernels.block_sparse
         ctx.save_for_backward(x, weight, blocks, block_indices, bias)
         ctx.impl, ctx.layout = impl, layout
-        return impl.block_delta_linear(x, weight, blocks, block_indices, _bias_like(bias, x),
-                                       **_layout_kwargs(impl, layout))
+        return impl.block_delta_linear(x, weight, blocks, block_indices, _bias_like(bias, x), layout=layout)
 
     @staticmethod
     def backward(ctx, dy):
@@ -144,14 +109,13 @@ class BlockSearchDeltaLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, layout, backend: str):
-        impl = kernel_module("block_sparse", backend, x)
+    def forward(ctx, x, weight, bias, delta, layout, kernels: Kernels):
+        impl = kernels.block_sparse
         block_indices = layout.block_indices
         blocks = ref.gather_blocks(delta.detach(), block_indices, layout.block_size)
         ctx.save_for_backward(x, weight, blocks, block_indices, bias)
         ctx.impl, ctx.layout, ctx.shape = impl, layout, tuple(delta.shape)
-        return impl.block_delta_linear(x, weight, blocks, block_indices, _bias_like(bias, x),
-                                       **_layout_kwargs(impl, layout))
+        return impl.block_delta_linear(x, weight, blocks, block_indices, _bias_like(bias, x), layout=layout)
 
     @staticmethod
     def backward(ctx, dy):
@@ -167,34 +131,27 @@ def _bias_like(bias, x):
     return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
 
 
-def _layout_kwargs(impl, layout):
-    return {} if impl is ref else {"layout": layout}
-
-
 def _block_backward(ctx, dy, x, weight, blocks, block_indices):
-    impl, kwargs = ctx.impl, _layout_kwargs(ctx.impl, ctx.layout)
+    impl, layout = ctx.impl, ctx.layout
     dy = dy.contiguous()
-    dx = impl.block_grad_input(dy, weight, blocks, block_indices, **kwargs) if ctx.needs_input_grad[0] else None
+    dx = impl.block_grad_input(dy, weight, blocks, block_indices, layout=layout) if ctx.needs_input_grad[0] else None
     dblocks = None
     if ctx.needs_input_grad[3]:
-        dblocks = impl.block_grad_blocks(dy, x, block_indices, blocks.shape[-1], **kwargs)
+        dblocks = impl.block_grad_blocks(dy, x, block_indices, blocks.shape[-1], layout=layout)
     return dx, dblocks
 
 
-def delta_score(dy, x, delta, score: str, block_size: int | None, backend: str) -> torch.Tensor:
+def delta_score(dy, x, delta, score: str, block_size: int | None, kernels: Kernels) -> torch.Tensor:
     """Mask score from dYᵀX, per element or per B×B tile (see ``reference.delta_score``)."""
-    impl = kernel_module("masked_delta", backend, x)
-    return impl.delta_score(dy, x, delta, score, block_size)
+    return kernels.masked_delta.delta_score(dy, x, delta, score, block_size)
 
 
-def delta_grad(dy, x, backend: str) -> torch.Tensor:
+def delta_grad(dy, x, kernels: Kernels) -> torch.Tensor:
     """G = dYᵀX, dense fp32 ``[d_out, d_in]`` (what data-parallel ranks sum before a nonlinear score)."""
-    impl = kernel_module("masked_delta", backend, x)
-    return impl.masked_delta_grad_delta(dy, x, None)
+    return kernels.masked_delta.masked_delta_grad_delta(dy, x, None)
 
 
-def delta_score_topk(dy, x, delta, k: int, score: str, backend: str) -> torch.Tensor:
+def delta_score_topk(dy, x, delta, k: int, score: str, kernels: Kernels) -> torch.Tensor:
     """int32 sorted flat indices of the ``k`` largest element scores; the Triton version
     writes no dense score (see ``masked_delta.delta_score_topk``)."""
-    impl = kernel_module("masked_delta", backend, x)
-    return impl.delta_score_topk(dy, x, delta, k, score)
+    return kernels.masked_delta.delta_score_topk(dy, x, delta, k, score)

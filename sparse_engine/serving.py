@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_engine import ops
+from sparse_engine.backend import resolve as resolve_backend
+from sparse_engine.config import BACKENDS
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import weights_fingerprint
 from sparse_engine.kernels import reference as ref
@@ -92,13 +93,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _kernels(backend: str, tensor: torch.Tensor):
-    if not ops.use_triton(backend, tensor):
+def _kernels(setting: str, tensor: torch.Tensor):
+    if not resolve_backend(setting, tensor).triton:
         return ref
     try:
         return importlib.import_module("sparse_engine.kernels.multi_adapter")
     except ImportError as exc:
-        if backend == "triton":
+        if setting == "triton":
             raise RuntimeError(f"the Triton multi-adapter kernels are not available: {exc}") from exc
         return ref
 
@@ -525,8 +526,8 @@ class AdapterLibrary:
     def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None, device=None,
                  backend: str = "auto", max_bytes: int | None = None, check_base: bool = True,
                  block_m: int | None = None):
-        if backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
             raise ValueError(f"max_bytes must be a non-negative integer or None, got {max_bytes!r}")
         if block_m is not None and block_m not in (16, 32, 64, 128):
