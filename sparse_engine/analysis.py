@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from sparse_engine import data, evaluation
+from sparse_engine import data, evaluation, results
 from sparse_engine.merging import (
     Expert,
     MergeResult,
@@ -43,6 +43,7 @@ from sparse_engine.merging import (
     mask_result,
     merge_experts,
 )
+from sparse_engine.ranks import Ranks
 
 KINDS = ("sparse", "block", "lora", "full")
 KIND_LABELS = {"sparse": "Element-Sparse", "block": "Block-Sparse", "lora": "LoRA", "full": "Full-Finetune",
@@ -60,6 +61,7 @@ TABLE1_METHODS = {
     "lora": [("average", {}), ("task_arithmetic", {}), ("ties", {}), ("dare_ties", {}), ("breadcrumbs", {})],
     "full": [("average", {}), ("task_arithmetic", {}), ("ties", {}), ("dare_ties", {}), ("breadcrumbs", {})],
 }
+FIG5_KINDS = ("sparse",)
 FIG6_PAIRS = (("sparse", "overlap_average"), ("block", "overlap_average"), ("lora", "average"),
               ("full", "average"), ("full", "task_arithmetic"), ("full", "ties"), ("full", "breadcrumbs"))
 
@@ -173,34 +175,61 @@ class PaperSetup:
 
 
 class Workspace:
-    """Base model, task data, expert library and evaluation for the paper's analyses."""
+    """Base model, task data, expert library and evaluation for the paper's analyses.
 
-    def __init__(self, setup: PaperSetup):
+    Its methods work in this process alone (they train with ``process_group=None``, even under
+    torchrun), except :meth:`train_in_parallel`, which splits experts across ranks. Every
+    change to ``index.json`` is merged into the file under its lock
+    (:func:`sparse_engine.results.update_json`), so processes filling one library at the same
+    time never lose each other's entries.
+
+    ``ranks``: under torchrun, rank 0 builds a missing built-in base first, then the others
+    load it.
+    """
+
+    def __init__(self, setup: PaperSetup, ranks: Ranks | None = None):
         from sparse_engine.builtin import load_builtin_base
 
+        ranks = ranks or Ranks()
         self.setup = setup
         self.out = Path(setup.out_dir)
         self.library = self.out / f"experts-{setup.library_key()}"
         self.library.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
-        self.base, self.tokenizer = load_builtin_base(setup.base_spec, cache_dir=setup.cache_dir,
-                                                      progress=setup.progress)
+        self._prefix = ranks.prefix()
+        self.base, self.tokenizer = ranks.main_first(
+            lambda: load_builtin_base(setup.base_spec, cache_dir=setup.cache_dir, progress=setup.progress))
         self.base.eval()
         self.total_params = sum(p.numel() for p in self.base.parameters())
         self._tasks: dict[str, data.TaskData] = {}
         self._index_path = self.library / "index.json"
-        self.index = json.loads(self._index_path.read_text()) if self._index_path.exists() else {}
-        self.index.setdefault("settings", setup.to_dict() | {"out_dir": None})
-        self.index.setdefault("experts", {})
-        self.index.setdefault("scores", {})
+        self._reload_index()
 
     # ------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
         if self.setup.progress:
-            print(f"[{time.perf_counter() - self._t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+            print(f"{self._prefix}[{time.perf_counter() - self._t0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
-    def _save_index(self) -> None:
-        evaluation.write_results_json(self._index_path, self.index)
+    def _reload_index(self) -> None:
+        """Read ``index.json`` again: it holds what other processes recorded since."""
+        self.index = results.read_json(self._index_path) or {}
+        self.index.setdefault("settings", self.setup.to_dict() | {"out_dir": None})
+        self.index.setdefault("experts", {})
+        self.index.setdefault("scores", {})
+
+    def _record(self, section: str, key: str, value) -> None:
+        """Set ``index[section][key]``, merged into the file under its lock (a newer entry for the
+        same key replaces the older; every other entry, whoever wrote it, is kept)."""
+        settings = self.index["settings"]
+
+        def merge(old):
+            index = old or {"settings": settings}
+            index.setdefault(section, {})[key] = value
+            return index
+
+        self.index = results.update_json(self._index_path, merge)
+        for name in ("experts", "scores"):
+            self.index.setdefault(name, {})
 
     def task(self, name: str) -> data.TaskData:
         if name not in self._tasks:
@@ -235,32 +264,76 @@ class Workspace:
     def expert_key(self, kind: str, task: str) -> str:
         return f"{task}-{kind}"
 
-    def ensure_experts(self, kind: str, tasks: Sequence[str]) -> dict[str, Expert]:
-        """The ``kind`` expert of every task (trained now if not in the library yet).
+    def _has(self, key: str, *, scored: bool = False) -> bool:
+        info = self.index["experts"].get(key)
+        return info is not None and (self.library / info["file"]).exists() and (not scored or "scores" in info)
 
-        ``kind``: sparse, block, lora, full, or ``sparse_ld`` (element-sparse with layer drop).
-        """
+    def _train_expert(self, kind: str, name: str, rank: int = 0) -> dict:
+        """Train, score on its own task and record the ``kind`` expert of task ``name``."""
         from sparse_engine.experts import train_task_expert
 
         method = "sparse" if kind == "sparse_ld" else kind
         folder = self.library / ("layer_drop" if kind == "sparse_ld" else "")
+        self.log(f"training {kind} expert on {name}")
+        spec = self._spec(method, layer_drop=kind == "sparse_ld")
+        model, info = train_task_expert(self.base, self.tokenizer, self.task(name), spec, folder,
+                                        process_group=None)
+        info["rouge_l"] = evaluation.evaluate_tasks(model, self.tokenizer, {name: self.task(name)},
+                                                    **self.gen_kwargs)[name]
+        info["kind"] = kind
+        info["file"] = os.path.relpath(info["expert_file"], self.library)
+        info["ranks"] = [rank]
+        del model
+        self._record("experts", self.expert_key(kind, name), info)
+        return info
+
+    def ensure_experts(self, kind: str, tasks: Sequence[str]) -> dict[str, Expert]:
+        """The ``kind`` expert of every task (trained now, in this process, if not in the library yet).
+
+        ``kind``: sparse, block, lora, full, or ``sparse_ld`` (element-sparse with layer drop).
+        """
         experts = {}
         for name in tasks:
             key = self.expert_key(kind, name)
-            info = self.index["experts"].get(key)
-            if info is None or not (self.library / info["file"]).exists():
-                self.log(f"training {kind} expert on {name}")
-                spec = self._spec(method, layer_drop=kind == "sparse_ld")
-                model, info = train_task_expert(self.base, self.tokenizer, self.task(name), spec, folder)
-                info["rouge_l"] = evaluation.evaluate_tasks(model, self.tokenizer, {name: self.task(name)},
-                                                            **self.gen_kwargs)[name]
-                info["kind"] = kind
-                info["file"] = os.path.relpath(info["expert_file"], self.library)
-                del model
-                self.index["experts"][key] = info
-                self._save_index()
-            experts[name] = load_expert(self.library / info["file"], name=name)
+            if not self._has(key):
+                self._train_expert(kind, name)
+            experts[name] = load_expert(self.library / self.index["experts"][key]["file"], name=name)
         return experts
+
+    def train_in_parallel(self, jobs: Sequence[tuple[str, str | None]], ranks: Ranks) -> None:
+        """Train the missing experts of ``jobs`` split across ``ranks`` (round-robin), each rank
+        alone; when it returns, every rank's index holds all of them.
+
+        ``jobs``: (kind, task) pairs, and (``MULTITASK``, None) for the multitask baseline. Every
+        rank must call it with the same jobs; ``--out`` must be on a filesystem every rank sees."""
+        def missing():
+            self._reload_index()
+            return [job for job in jobs if not self._has(self._job_key(job), scored=job[0] == MULTITASK)]
+
+        todo = ranks.gather(missing)[0]  # rank 0's view, so that every rank splits the same list
+
+        def train_mine():
+            for kind, name in ranks.mine(todo):
+                if kind == MULTITASK:
+                    self._train_multitask(ranks.rank)
+                else:
+                    self._train_expert(kind, name, ranks.rank)
+
+        ranks.run(train_mine)
+
+        def check():
+            self._reload_index()
+            lost = [self._job_key(job) for job in todo if not self._has(self._job_key(job))]
+            if lost:
+                raise OSError(f"expert(s) {lost} trained by another rank are not in {self._index_path} or their "
+                              "files are missing: under torchrun on several machines --out must be on a "
+                              "filesystem every rank sees")
+
+        ranks.run(check)
+
+    def _job_key(self, job: tuple[str, str | None]) -> str:
+        kind, name = job
+        return self._multitask_key() if kind == MULTITASK else self.expert_key(kind, name)
 
     def expert_info(self, kind: str, task: str) -> dict:
         return self.index["experts"][self.expert_key(kind, task)]
@@ -269,27 +342,34 @@ class Workspace:
         counts = [self.expert_info(kind, t)["trainable_params"] for t in tasks]
         return 100.0 * (sum(counts) / len(counts)) / self.total_params
 
-    def ensure_multitask(self) -> dict:
-        """The multitask baseline (full fine-tuning on all held-in tasks at once): its scores."""
+    def _multitask_key(self) -> str:
+        key = f"multitask-{'+'.join(self.setup.held_in)}"
+        return "multitask-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+    def _train_multitask(self, rank: int = 0) -> dict:
         from sparse_engine.experts import train_task_expert
 
-        key = f"multitask-{'+'.join(self.setup.held_in)}"
-        key = "multitask-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-        info = self.index["experts"].get(key)
-        if info is None or not (self.library / info["file"]).exists() or "scores" not in info:
-            self.log(f"training the multitask baseline on {len(self.setup.held_in)} tasks")
-            examples = [ex for t in self.setup.held_in for ex in self.task(t).train]
-            task = data.TaskData(key, train=examples)
-            model, info = train_task_expert(self.base, self.tokenizer, task, self._spec(
-                "full", epochs=self.setup.multitask_epochs), self.library)
-            self.log("evaluating the multitask baseline")
-            info["scores"] = evaluate_held(model, self.tokenizer, self.tasks(self.setup.held_in),
-                                           self.tasks(self.setup.held_out), **self.gen_kwargs)
-            info["file"] = os.path.relpath(info["expert_file"], self.library)
-            del model
-            self.index["experts"][key] = info
-            self._save_index()
+        key = self._multitask_key()
+        self.log(f"training the multitask baseline on {len(self.setup.held_in)} tasks")
+        examples = [ex for t in self.setup.held_in for ex in self.task(t).train]
+        task = data.TaskData(key, train=examples)
+        model, info = train_task_expert(self.base, self.tokenizer, task, self._spec(
+            "full", epochs=self.setup.multitask_epochs), self.library, process_group=None)
+        self.log("evaluating the multitask baseline")
+        info["scores"] = evaluate_held(model, self.tokenizer, self.tasks(self.setup.held_in),
+                                       self.tasks(self.setup.held_out), **self.gen_kwargs)
+        info["file"] = os.path.relpath(info["expert_file"], self.library)
+        info["ranks"] = [rank]
+        del model
+        self._record("experts", key, info)
         return info
+
+    def ensure_multitask(self) -> dict:
+        """The multitask baseline (full fine-tuning on all held-in tasks at once): its scores."""
+        key = self._multitask_key()
+        if not self._has(key, scored=True):
+            self._train_multitask()
+        return self.index["experts"][key]
 
     # ----------------------------------------------------------------- evaluate
     def model_with(self, merged: MergeResult | Expert | None):
@@ -328,8 +408,7 @@ class Workspace:
                                                    self.gen_kwargs]).encode()).hexdigest()[:8]
         if key not in self.index["scores"]:
             self.log("evaluating the base model")
-            self.index["scores"][key] = self.evaluate(None)
-            self._save_index()
+            self._record("scores", key, self.evaluate(None))
         return self.index["scores"][key]
 
 
@@ -484,7 +563,7 @@ def _plot_fig6(results, ns, path: Path) -> None:
 
 
 # ================================================================================ Fig. 5
-def run_fig5(setup: PaperSetup, workspace: Workspace | None = None, kinds: Sequence[str] = ("sparse",)) -> dict:
+def run_fig5(setup: PaperSetup, workspace: Workspace | None = None, kinds: Sequence[str] = FIG5_KINDS) -> dict:
     """Fig. 5: interference — single-task vs masked-only merged (M_i ⊙ ΔW_m) vs fully merged."""
     start = time.perf_counter()
     ws = workspace or Workspace(setup)
@@ -609,7 +688,7 @@ def run_table4(setup: PaperSetup, workspace: Workspace | None = None, epochs: Se
                 lr = rates["full"]
             config = TrainingConfig(epochs=n_epochs, batch_size=setup.batch_size, learning_rate=lr, seed=setup.seed,
                                     progress=False)
-            result = train_expert(model, dataset, config, collate_fn=collate)
+            result = train_expert(model, dataset, config, collate_fn=collate, process_group=None)
             scores = evaluate_held(model, ws.tokenizer, ws.tasks(setup.held_in), ws.tasks(setup.held_out),
                                    **ws.gen_kwargs)
             details[f"{variant}-{n_epochs}"] = {**scores, "steps": result.steps, "seconds": result.seconds,
@@ -644,13 +723,47 @@ def _clone_delta(delta):
 
 
 RUNNERS = {"table1": run_table1, "fig6": run_fig6, "fig5": run_fig5, "table3": run_table3, "table4": run_table4}
+MULTITASK = "multitask"  # the job name of the multitask baseline in train_in_parallel
 
 
-def reproduce(what: str, setup: PaperSetup, **kwargs) -> dict:
-    """Run one analysis (or ``all``) with a shared workspace; returns {name: payload}."""
+def experts_needed(names: Sequence[str], setup: PaperSetup, options: Mapping | None = None) -> list[tuple]:
+    """The experts the analyses ``names`` use, as :meth:`Workspace.train_in_parallel` jobs:
+    (MULTITASK, None) first (the longest job), then (kind, task) pairs. ``options``: the
+    runners' keyword arguments, as given to :func:`reproduce`. An expert missed here is not
+    an error: the analysis trains it when it asks for it, on rank 0 alone."""
+    options = options or {}
+    kinds, multitask = [], False
+    for name in names:
+        if name == "table1":
+            kinds += setup.kinds
+            multitask = True
+        elif name == "fig6":
+            kinds += [k for k, _ in (options.get("fig6") or {}).get("pairs", FIG6_PAIRS) if k in setup.kinds]
+        elif name == "fig5":
+            kinds += (options.get("fig5") or {}).get("kinds", FIG5_KINDS)
+        elif name == "table3":
+            kinds += ["sparse", "sparse_ld"]
+        elif name == "table4":
+            kinds.append("sparse")
+            multitask = True
+    jobs = [(MULTITASK, None)] if multitask else []
+    return jobs + [(k, t) for k in dict.fromkeys(kinds) for t in setup.held_in]
+
+
+def reproduce(what: str, setup: PaperSetup, *, ranks: Ranks | None = None, **kwargs) -> dict:
+    """Run one analysis (or ``all``) with a shared workspace; returns {name: payload}.
+
+    ``ranks`` (torchrun, see :mod:`sparse_engine.ranks`): the experts the analyses need are
+    first trained split across the ranks, then rank 0 alone runs the analyses and writes their
+    outputs (every expert is in the library by then); the other ranks wait for it, so a failure
+    is reported on every rank, and return ``{}``."""
     names = list(RUNNERS) if what == "all" else [what]
     for n in names:
         if n not in RUNNERS:
             raise ValueError(f"unknown analysis {what!r}; choose from {list(RUNNERS) + ['all']}")
-    ws = Workspace(setup)
-    return {n: RUNNERS[n](setup, ws, **(kwargs.get(n) or {})) for n in names}
+    ranks = ranks or Ranks()
+    ws = Workspace(setup, ranks)
+    if ranks.size > 1:
+        ws.train_in_parallel(experts_needed(names, setup, kwargs), ranks)
+    return ranks.run(lambda: {n: RUNNERS[n](setup, ws, **(kwargs.get(n) or {})) for n in names}
+                     if ranks.is_main else {})

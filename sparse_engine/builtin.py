@@ -90,7 +90,8 @@ def pretrain(model, tokenizer, spec: BuiltinBaseSpec, progress: bool = True):
         progress=progress,
         desc="pretrain base",
     )
-    return train_expert(model, dataset, config,
+    # one process builds the base, even under torchrun (its callers let rank 0 build it first)
+    return train_expert(model, dataset, config, process_group=None,
                         collate_fn=lambda b: data.collate_causal_lm(b, tokenizer.pad_token_id))
 
 

@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one expert per task (built-in suite, FLAN-format files, or a local Phi-3)",
                            description="Train one expert per task and save it. Data: built-in task names, or --data with "
                                        "FLAN-format files (columns source, target, task_name, optional split) or a hub "
-                                       "dataset name. Model: the built-in tiny Phi-3, or --model with a local checkpoint.")
+                                       "dataset name. Model: the built-in tiny Phi-3, or --model with a local checkpoint. "
+                                       "Under torchrun the experts are split across the ranks (or, with --data-parallel, "
+                                       "each is trained by all of them). results.json is merged with what other runs "
+                                       "wrote to --out: a newer expert for the same (task, method) replaces the older.")
     train.add_argument("--tasks", nargs="+", required=True, help="task names (built-in, or task_name values in --data)")
     train.add_argument("--data", nargs="+", default=None, help="FLAN-format .json/.jsonl/.parquet files or a dataset name")
     train.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: the built-in tiny Phi-3)")
@@ -178,7 +181,9 @@ def _add_reproduce_parser(sub) -> None:
         description="Train (once, cached under --out) the experts the analysis needs and write its table or plot: "
                     "table1 (20 experts merged with every method, per expert kind, + multitask), fig6 (N merged "
                     "experts), fig5 (interference), table3 (layer drop), table4 (multitask training continued from "
-                    "the merged sparse weights), or all. Writes <name>.json, <name>.md (and <name>.png) to --out.")
+                    "the merged sparse weights), or all. Writes <name>.json, <name>.md (and <name>.png) to --out. "
+                    "Under torchrun the missing experts are trained split across the ranks, then rank 0 runs the "
+                    "analyses (--out must be on a filesystem every rank sees).")
     rep.add_argument("what", choices=["table1", "fig6", "fig5", "table3", "table4", "all"])
     rep.add_argument("--out", default="runs/paper", help="output directory and expert cache (default: %(default)s)")
     rep.add_argument("--held-in", nargs="+", default=None, help="held-in tasks (default: the 20 built-in ones)")
@@ -308,26 +313,36 @@ def _routed_eval(args, held_in) -> int:
     return 0
 
 
-def _cmd_reproduce(args) -> int:
+def _cmd_reproduce(args, ranks=None) -> int:
     from sparse_engine import analysis
+    from sparse_engine.ranks import Ranks
 
-    kwargs = dict(out_dir=args.out, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs,
-                  multitask_epochs=args.multitask_epochs, update_interval=args.update_interval,
-                  keep_ratio=args.keep_ratio, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
-    if args.held_in is not None:
-        kwargs["held_in"] = tuple(args.held_in)
-    if args.held_out is not None:
-        kwargs["held_out"] = tuple(args.held_out)
-    if args.kinds is not None:
-        kwargs["kinds"] = tuple(args.kinds)
-    if not 0.0 < args.keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {args.keep_ratio}")
-    if args.trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    setup = analysis.PaperSetup(**kwargs)
-    if args.what in ("fig6", "all") and not [n for n in args.ns if 1 <= n <= len(setup.held_in)]:
-        raise ValueError(f"--ns: no value in [1, {len(setup.held_in)}]")
-    results = analysis.reproduce(args.what, setup, fig6={"ns": args.ns, "trials": args.trials},
+    ranks = ranks or Ranks()
+
+    def prepare():
+        kwargs = {"out_dir": args.out, "n_train": args.n_train, "n_test": args.n_test, "epochs": args.epochs,
+                  "multitask_epochs": args.multitask_epochs, "update_interval": args.update_interval,
+                  "keep_ratio": args.keep_ratio, "seed": args.seed, "cache_dir": args.cache_dir,
+                  "progress": not args.no_progress}
+        if args.held_in is not None:
+            kwargs["held_in"] = tuple(args.held_in)
+        if args.held_out is not None:
+            kwargs["held_out"] = tuple(args.held_out)
+        if args.kinds is not None:
+            kwargs["kinds"] = tuple(args.kinds)
+        if not 0.0 < args.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {args.keep_ratio}")
+        if args.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {args.trials}")
+        setup = analysis.PaperSetup(**kwargs)
+        if args.what in ("fig6", "all") and not [n for n in args.ns if 1 <= n <= len(setup.held_in)]:
+            raise ValueError(f"--ns: no value in [1, {len(setup.held_in)}]")
+        return setup
+
+    setup = ranks.run(prepare)
+    ranks.check_same("the command line", vars(args))
+    # under torchrun the ranks split the missing experts; rank 0 alone runs the analyses
+    results = analysis.reproduce(args.what, setup, ranks=ranks, fig6={"ns": args.ns, "trials": args.trials},
                                  table4={"epochs": tuple(args.table4_epochs)})
     for name in results:
         print((Path(args.out) / f"{name}.md").read_text())
@@ -369,7 +384,8 @@ def _load_model(args):
 
 
 def _cmd_train(args, ranks=None) -> int:
-    from sparse_engine import data, results as result_files
+    from sparse_engine import data
+    from sparse_engine import results as result_files
     from sparse_engine.config import DEFAULT_TARGET_MODULES, SparseAdapterConfig
     from sparse_engine.experts import DEFAULT_LEARNING_RATES, ExpertSpec, check_split, run_experts
     from sparse_engine.ranks import Ranks
@@ -408,11 +424,14 @@ def _cmd_train(args, ranks=None) -> int:
 
     adapter, training, tasks = ranks.run(prepare)
     ranks.check_same("the command line", vars(args))
-    ranks.check_same("the task data (sha256)", _fingerprint(tasks))
+    if ranks.size > 1:
+        ranks.check_same("the task data (sha256)", _fingerprint(tasks))
     builtin = args.data is None
     max_length = args.max_length or (48 if builtin and args.model is None else 1024)
     max_new = args.max_new_tokens or (16 if builtin else 128)
-    model, tokenizer = ranks.main_first(lambda: _load_model(args))  # rank 0 builds a missing built-in base once
+    # the built-in base: rank 0 builds a missing one (once), then the others read it from the cache
+    load = ranks.main_first if args.model is None else ranks.run
+    model, tokenizer = load(lambda: _load_model(args))
     spec = ExpertSpec(method=args.method, adapter=adapter, training=training, max_length=max_length)
     start = time.perf_counter()
     results = run_experts(model, tokenizer, tasks, [args.method], spec=spec,
@@ -461,46 +480,52 @@ PARALLEL_COMMANDS = ("train", "reproduce")
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"demo": _cmd_demo, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval}
     from sparse_engine.ranks import RankFailed
 
-    ranks = None
+    args = build_parser().parse_args(argv)
+    handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval,
+                "reproduce": _cmd_reproduce}
+    ranks, owns_group = None, False
     try:
-        ranks = _start_ranks(args)
+        ranks, owns_group = _start_ranks(args)
         if ranks is None:
             _check_paths_and_backend(args)
-            return handlers[args.command](args) if args.command in handlers else _run_parallel(args, None)
-        ranks.run(lambda: _check_paths_and_backend(args))
-        return _run_parallel(args, ranks)
+            return handlers[args.command](args)
+        ranks.run(lambda: _check_paths_and_backend(args))  # a path one node lacks stops every rank
+        return handlers[args.command](args, ranks)
     except (ValueError, OSError, RankFailed) as exc:
-        print(f"error: {ranks.prefix() if ranks is not None else ''}{exc}", file=sys.stderr, flush=True)
+        # one write, newline included: ranks share the launcher's stderr, and print's separate
+        # write of the newline lets another rank's line land in between
+        sys.stderr.write(f"error: {ranks.prefix() if ranks is not None else ''}{exc}\n")
+        sys.stderr.flush()
+        if ranks is not None:
+            ranks.settle()  # every rank's error line is out before any rank exits
         return 2
     finally:
         if ranks is not None:
+            ranks.close()
+        if owns_group:
             import torch.distributed as dist
 
-            ranks.close()
             dist.destroy_process_group()
 
 
-def _run_parallel(args, ranks) -> int:
-    return {"train": _cmd_train, "reproduce": _cmd_reproduce}[args.command](args, ranks)
-
-
 def _start_ranks(args):
-    """Under torchrun (several ranks): the process group and this rank's place; else None."""
-    import os
-
-    if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ):
-        return None  # one process: no torch import for the light commands
+    """Under torchrun (several ranks): (this rank's place, whether this call made the process
+    group); else (None, False)."""
     from sparse_engine import distributed
-    from sparse_engine.ranks import Ranks
 
+    if not distributed.launched_with_ranks():
+        return None, False
     if args.command not in PARALLEL_COMMANDS:
         raise ValueError(f"`sparse-engine {args.command}` runs in one process: launch it without torchrun (only "
                          f"{' and '.join(PARALLEL_COMMANDS)} split their work across ranks)")
-    return Ranks(distributed.init_from_env())
+    import torch.distributed as dist
+
+    from sparse_engine.ranks import Ranks
+
+    owns_group = not dist.is_initialized()
+    return Ranks(distributed.init_from_env()), owns_group
 
 
 def _check_paths_and_backend(args) -> None:

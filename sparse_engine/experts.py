@@ -14,6 +14,7 @@ import copy
 import time
 import zlib
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -162,7 +163,7 @@ def run_experts(base_model, tokenizer, tasks: dict[str, data.TaskData], methods,
     if data_parallel:
         # one agreement per expert: rank 0's record (it holds the file and the score)
         bar = tqdm(jobs, desc=desc, disable=not progress, dynamic_ncols=True)
-        infos = [ranks.gather(lambda: train(job))[0] for job in bar]
+        infos = [ranks.gather(partial(train, job))[0] for job in bar]
     else:
         mine = ranks.mine(range(len(jobs)))
         bar = tqdm(mine, desc=desc, disable=not progress, dynamic_ncols=True)

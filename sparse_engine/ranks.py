@@ -10,6 +10,7 @@ without importing it.
 """
 from __future__ import annotations
 
+import sys
 import traceback
 from datetime import timedelta
 
@@ -18,6 +19,8 @@ from datetime import timedelta
 # group's timeout. A rank that raises reports through the step itself and a crashed one is
 # stopped by torchrun, so only a rank that is stuck makes the others wait this long.
 WAIT_TIMEOUT = timedelta(days=3)
+# How long a rank that stops on an error waits for the others to print theirs (see Ranks.settle).
+SETTLE_TIMEOUT = timedelta(seconds=60)
 
 
 class RankFailed(RuntimeError):
@@ -121,6 +124,19 @@ class Ranks:
                 diff = f"{values[0]!r} on rank 0, {other!r} on rank {r}"
             raise ValueError(f"{what} differs between ranks ({diff}); start every rank with the same command "
                              "line and the same files")
+
+    def settle(self, timeout: timedelta = SETTLE_TIMEOUT) -> None:
+        """Wait, at most ``timeout``, until every rank is here. Called by ranks that stop on an
+        error after printing it: torchrun stops the other ranks as soon as one exits, which
+        could cut off an error line a busy rank has not printed yet. Never raises."""
+        if self._wait is None:
+            return
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(group=self._wait, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - a rank that is gone: nothing left to wait for
+            print(f"{self.prefix()}not every rank reached the error exit: {type(exc).__name__}", file=sys.stderr)
 
     def close(self) -> None:
         """Release the side group (the default group is its creator's to destroy)."""

@@ -15,9 +15,9 @@ the merged results (:func:`write_train_results`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 from sparse_engine import evaluation
 from sparse_engine._files import atomic_write
