@@ -289,7 +289,7 @@ def _cmd_eval(args) -> int:
 
 def _routed_eval(args, held_in) -> int:
     from sparse_engine import evaluation
-    from sparse_engine.serving import run_routed_eval
+    from sparse_engine.experiments.routed import run_routed_eval
 
     if args.data is not None or args.adapter is not None:
         raise ValueError("--routed serves the built-in held-in tasks' experts; it takes neither --data nor --adapter")

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from sparse_engine._files import atomic_write
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
-from sparse_engine.model import adapter_config, adapter_layers, attach
+from sparse_engine.model import adapter_config, adapter_layers, attach, base_linear
 
 FORMAT_VERSION = 1
 METADATA_KEY = "sparse_engine"
@@ -44,9 +44,26 @@ def weights_fingerprint(named_weights) -> str:
     return h.hexdigest()[:16]
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of the base weights under the attached adapters, in model order."""
-    return weights_fingerprint((name, layer.base.weight) for name, layer in adapter_layers(model).items())
+def base_fingerprint(model: nn.Module, layer_names=None) -> str:
+    """Fingerprint of the base weights of the adapted layers, in model order: the attached
+    adapters' (default), or those of ``layer_names``, each a plain ``nn.Linear`` or a wrapper
+    holding one (a training adapter, a served layer). Adapter files record it; loading,
+    serving and merging compare it with the model's."""
+    if layer_names is None:
+        return weights_fingerprint((name, layer.base.weight) for name, layer in adapter_layers(model).items())
+    wanted = set(layer_names)
+    named = []
+    for name, module in model.named_modules():
+        if name not in wanted:
+            continue
+        lin = base_linear(module)
+        if lin is None:
+            raise ValueError(f"layer {name!r} of the model is a {type(module).__name__}, not an nn.Linear")
+        named.append((name, lin.weight))
+    missing = sorted(wanted - {name for name, _ in named})
+    if missing:
+        raise ValueError(f"the model has no layer named {missing[:3]}")
+    return weights_fingerprint(named)
 
 
 def atomic_save(tensors: dict, metadata: dict, path: Path) -> None:

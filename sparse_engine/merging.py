@@ -81,7 +81,6 @@ __all__ = [
     "save_merged",
     "apply_merged",
     "mask_result",
-    "base_fingerprint_of",
 ]
 
 METHODS = (
@@ -193,13 +192,13 @@ class Expert:
 
 
 # ======================================================================= fingerprints
-def base_fingerprint_of(model: nn.Module, target_modules=None) -> str:
+def _plain_base_fingerprint(model: nn.Module, target_modules=None) -> str:
     """The fingerprint an adapter trained on ``model`` (a plain base model) would carry."""
     from sparse_engine.config import DEFAULT_TARGET_MODULES
+    from sparse_engine.io import base_fingerprint
     from sparse_engine.model import find_target_linears
 
-    targets = find_target_linears(model, tuple(target_modules or DEFAULT_TARGET_MODULES))
-    return weights_fingerprint((name, lin.weight) for name, lin in targets.items())
+    return base_fingerprint(model, find_target_linears(model, tuple(target_modules or DEFAULT_TARGET_MODULES)))
 
 
 def _model_id(model: nn.Module) -> str:
@@ -273,7 +272,7 @@ def expert_from_lora_model(peft_model: nn.Module, name: str, *, adapter_name: st
     if not layers:
         raise ValueError(f"{type(peft_model).__name__} has no LoRA layers named {adapter_name!r}")
     if base_model is not None:
-        fp, model_id = base_fingerprint_of(base_model, sorted(targets)), _model_id(base_model)
+        fp, model_id = _plain_base_fingerprint(base_model, sorted(targets)), _model_id(base_model)
     else:
         fp = weights_fingerprint(base_weights)
         inner = getattr(getattr(peft_model, "base_model", None), "model", peft_model)
@@ -302,7 +301,7 @@ def expert_from_full_model(finetuned: nn.Module, base_model: nn.Module, name: st
             raise ValueError(f"parameter {pname}: fine-tuned {tuple(p.shape)} vs base {tuple(b.shape)}")
         layers[pname] = (p.detach().float() - b.detach().float()).cpu()
     return Expert(name=name, kind="full", layers=layers, base_model=_model_id(base_model),
-                  base_fingerprint=base_fingerprint_of(base_model, target_modules))
+                  base_fingerprint=_plain_base_fingerprint(base_model, target_modules))
 
 
 # ========================================================================= expert files
@@ -910,7 +909,7 @@ def apply_merged(model: nn.Module, merged: MergeResult | Expert, *, scale: float
     if check_base and fp:
         targets = merged.target_modules if isinstance(merged, MergeResult) else _targets_of(merged)
         try:
-            mine = base_fingerprint_of(model, targets)
+            mine = _plain_base_fingerprint(model, targets)
         except ValueError:
             mine = None
         if mine != fp:

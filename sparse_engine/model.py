@@ -18,7 +18,8 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -27,6 +28,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def adapter_layers(model: nn.Module) -> dict[str, SparseAdapterLinear]:
     """Adapter layers by qualified name of the module they replaced, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseAdapterLinear)}
+
+
+def base_linear(module: nn.Module) -> nn.Linear | None:
+    """The plain ``nn.Linear`` of a layer: itself, or the one a wrapper holds as ``.base`` (a
+    training adapter, a served layer); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module
+    base = getattr(module, "base", None)
+    return base if isinstance(base, nn.Linear) else None
 
 
 def adapter_buffer_names(model: nn.Module) -> list[str]:
@@ -86,7 +96,7 @@ def attach(model: nn.Module, config: SparseAdapterConfig | None = None) -> nn.Mo
     for p in model.parameters():
         p.requires_grad_(False)
     for name, wrapper in wrappers.items():
-        _set_submodule(model, name, wrapper)
+        replace_module(model, name, wrapper)
     distributed.ignore_adapter_buffers(model, adapter_buffer_names(model))
     model._sparse_requires_grad = frozen
     setattr(model, CONFIG_ATTR, config)
@@ -99,7 +109,7 @@ def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
         raise ValueError("the model has no sparse adapters attached")
     distributed.stop_ignoring(model, adapter_buffer_names(model))
     for name, layer in layers.items():
-        _set_submodule(model, name, layer.to_linear(merge))
+        replace_module(model, name, layer.to_linear(merge))
     flags = getattr(model, "_sparse_requires_grad", {})
     for n, p in model.named_parameters():
         if n in flags:

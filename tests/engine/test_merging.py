@@ -7,7 +7,7 @@ import torch
 from peft.utils import merge_utils as peft_merge
 
 from sparse_engine import merging
-from sparse_engine.config import SparseAdapterConfig
+from sparse_engine.config import DEFAULT_TARGET_MODULES, SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import base_fingerprint, load_adapter, save_adapter
 from sparse_engine.merging import (
@@ -20,7 +20,7 @@ from sparse_engine.merging import (
     save_expert,
     save_merged,
 )
-from sparse_engine.model import adapter_layers, attach, merge_and_unload
+from sparse_engine.model import adapter_layers, attach, find_target_linears, merge_and_unload
 
 from .helpers import tiny_phi3
 
@@ -201,7 +201,7 @@ def test_lora_expert_is_scale_b_a_and_equals_peft_delta_weight():
             if "lora_B" in name:
                 p.normal_()
     expert = merging.expert_from_lora_model(peft_model, "lora", base_model=base)
-    assert expert.base_fingerprint == merging.base_fingerprint_of(base)
+    assert expert.base_fingerprint == base_fingerprint(base, find_target_linears(base, DEFAULT_TARGET_MODULES))
     module = peft_model.base_model.model.model.layers[0].self_attn.qkv_proj
     delta = expert.layers["model.layers.0.self_attn.qkv_proj.weight"]
     assert isinstance(delta, LowRankDelta) and delta.rank == 4
@@ -223,7 +223,8 @@ def test_full_expert_round_trip_and_merged_full_weights(tmp_path):
         e = merging.expert_from_full_model(ft, base, f"full{i}")
         path = save_expert(e, tmp_path / f"full{i}.safetensors")
         experts.append(load_expert(path))
-    assert experts[0].kind == "full" and experts[0].base_fingerprint == merging.base_fingerprint_of(base)
+    plain_fingerprint = base_fingerprint(base, find_target_linears(base, DEFAULT_TARGET_MODULES))
+    assert experts[0].kind == "full" and experts[0].base_fingerprint == plain_fingerprint
     merged = merge_experts(experts, "average")
     model = apply_merged(copy.deepcopy(base), merged)
     for name, p in model.named_parameters():
@@ -233,7 +234,7 @@ def test_full_expert_round_trip_and_merged_full_weights(tmp_path):
 
 def test_fingerprint_agrees_with_adapter_files():
     base = tiny_phi3()
-    fp = merging.base_fingerprint_of(base)
+    fp = base_fingerprint(base, find_target_linears(base, DEFAULT_TARGET_MODULES))
     attached = attach(copy.deepcopy(base), SparseAdapterConfig())
     assert fp == base_fingerprint(attached)
 

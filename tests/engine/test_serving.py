@@ -15,13 +15,8 @@ from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import base_fingerprint, read_adapter, save_adapter
 from sparse_engine.kernels import _triton
 from sparse_engine.model import adapter_layers
-from sparse_engine.serving import (
-    AdapterLibrary,
-    MultiAdapterLinear,
-    base_fingerprint_of,
-    evaluate_routed,
-    run_routed_eval,
-)
+from sparse_engine.experiments.routed import run_routed_eval
+from sparse_engine.serving import AdapterLibrary, MultiAdapterLinear, evaluate_routed
 
 from .helpers import tiny_phi3
 
@@ -273,8 +268,8 @@ def test_memory_accounting_and_fingerprint(zoo):
     assert lib.step_bytes(["block0", "block0", None]) == weights + mem["adapters"]["block0"]
     # the fingerprint of the plain model equals the one io computes with adapters attached
     plain = copy.deepcopy(base)
-    assert base_fingerprint_of(plain, deltas) == meta["base_fingerprint"]
-    assert base_fingerprint_of(lib.model, deltas) == meta["base_fingerprint"]
+    assert base_fingerprint(plain, deltas) == meta["base_fingerprint"]
+    assert base_fingerprint(lib.model, deltas) == meta["base_fingerprint"]
     attached = attach(copy.deepcopy(base), SparseAdapterConfig())
     assert base_fingerprint(attached) == meta["base_fingerprint"]
     lib.unregister("block0")
@@ -349,7 +344,7 @@ def test_failed_load_dir_restores_library_and_model(zoo, tmp_path):
     ids = _ids(3, 5, seed=6)
     logits = lib.forward(["pre0", None, "pre7"], input_ids=ids).logits
     before = _state(lib)
-    pool = lib._pools[QKV[0]]
+    pool = lib.pools[QKV[0]]
     # the directory changes everything before failing on its last file: a block line written in
     # place into the served layer's table (slot 3), a new served layer (pools + wrapper), an
     # element table in the served layer, slot capacity 8 → 16, block-pool capacity
@@ -413,7 +408,7 @@ def test_a_layer_is_served_while_an_adapter_names_it(zoo):
 
 
 def _pool_tensor_bytes(lib):
-    return sum(t.numel() * t.element_size() for p in lib._pools.values()
+    return sum(t.numel() * t.element_size() for p in lib.pools.values()
                for t in (p.blocks, p.block_cols, p.values, p.cols, p.blk_ptr, p.el_ptr) if t is not None)
 
 
