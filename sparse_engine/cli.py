@@ -241,7 +241,8 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from sparse_engine import analysis, data, evaluation
+    from sparse_engine import data, evaluation
+    from sparse_engine.experiments.reports import evaluate_held, write_report
     from sparse_engine.merging import apply_merged, load_expert
 
     if args.n_test < 1 or args.batch_size < 1:
@@ -271,7 +272,7 @@ def _cmd_eval(args) -> int:
            "max_length": args.max_length or (48 if builtin and args.model is None else 1024),
            "batch_size": args.batch_size, "progress": not args.no_progress}
     start = time.perf_counter()
-    result = analysis.evaluate_held(model, tokenizer, {t: tasks[t] for t in held_in},
+    result = evaluate_held(model, tokenizer, {t: tasks[t] for t in held_in},
                                     {t: tasks[t] for t in held_out}, **gen)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
@@ -280,7 +281,7 @@ def _cmd_eval(args) -> int:
     rows += [{"group": g, "task": "mean", "Rouge-L": round(result[f"{g}_mean"], 2)}
              for g in ("held_in", "held_out") if result[f"{g}_mean"] is not None]
     out = Path(args.out)
-    analysis.write_report(out, "results", result, rows, ["group", "task", "Rouge-L"],
+    write_report(out, "results", result, rows, ["group", "task", "Rouge-L"],
                           title=f"Rouge-L of {args.adapter or 'the base model'}")
     print(evaluation.markdown_table(rows, ["group", "task", "Rouge-L"]))
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
@@ -314,8 +315,8 @@ def _routed_eval(args, held_in) -> int:
 
 
 def _cmd_reproduce(args, ranks=None) -> int:
-    from sparse_engine import analysis
-    from sparse_engine.ranks import Ranks
+    from sparse_engine.experiments import analysis
+    from sparse_engine.experiments.ranks import Ranks
 
     ranks = ranks or Ranks()
 
@@ -350,7 +351,7 @@ def _cmd_reproduce(args, ranks=None) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from sparse_engine.experts import DEMO_TASKS, METHODS, run_demo
+    from sparse_engine.experiments.experts import DEMO_TASKS, METHODS, run_demo
 
     results = run_demo(tasks=tuple(args.tasks or DEMO_TASKS), n_train=args.n_train, n_test=args.n_test,
                        epochs=args.epochs, update_interval=args.update_interval,
@@ -385,10 +386,10 @@ def _load_model(args):
 
 def _cmd_train(args, ranks=None) -> int:
     from sparse_engine import data
-    from sparse_engine import results as result_files
+    from sparse_engine.experiments import results as result_files
     from sparse_engine.config import DEFAULT_TARGET_MODULES, SparseAdapterConfig
-    from sparse_engine.experts import DEFAULT_LEARNING_RATES, ExpertSpec, check_split, run_experts
-    from sparse_engine.ranks import Ranks
+    from sparse_engine.experiments.experts import DEFAULT_LEARNING_RATES, ExpertSpec, check_split, run_experts
+    from sparse_engine.experiments.ranks import Ranks
     from sparse_engine.training import TrainingConfig
 
     ranks = ranks or Ranks()
@@ -480,7 +481,7 @@ PARALLEL_COMMANDS = ("train", "reproduce")
 
 
 def main(argv=None) -> int:
-    from sparse_engine.ranks import RankFailed
+    from sparse_engine.experiments.ranks import RankFailed
 
     args = build_parser().parse_args(argv)
     handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval,
@@ -522,7 +523,7 @@ def _start_ranks(args):
                          f"{' and '.join(PARALLEL_COMMANDS)} split their work across ranks)")
     import torch.distributed as dist
 
-    from sparse_engine.ranks import Ranks
+    from sparse_engine.experiments.ranks import Ranks
 
     owns_group = not dist.is_initialized()
     return Ranks(distributed.init_from_env()), owns_group

@@ -50,6 +50,10 @@ class SparseDelta:
     def nnz(self) -> int:
         return self.values.numel()
 
+    def clone(self) -> SparseDelta:
+        """A copy that shares no storage with this one."""
+        return SparseDelta(self.shape, self.values.clone(), self.indices.clone())
+
     def mask(self) -> torch.Tensor:
         m = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.bool, device=self.indices.device)
         m[self.indices.long()] = True
@@ -106,6 +110,10 @@ class BlockSparseDelta:
 
     def to_dense(self) -> torch.Tensor:
         return ref.densify_blocks(self.blocks, self.block_indices, self.shape)
+
+    def clone(self) -> BlockSparseDelta:
+        """A copy that shares no storage with this one."""
+        return BlockSparseDelta(self.shape, self.blocks.clone(), self.block_indices.clone())
 
     def to_sparse_delta(self) -> SparseDelta:
         return SparseDelta.from_dense(self.to_dense(), self.mask())

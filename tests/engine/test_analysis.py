@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from sparse_engine import analysis, evaluation
+from sparse_engine import evaluation
+from sparse_engine.experiments import analysis
+from sparse_engine.experiments.reports import write_report
 
 
 def test_our_rouge_l_equals_rouge_score():
@@ -24,7 +26,7 @@ def test_our_rouge_l_equals_rouge_score():
 
 def test_write_report_writes_json_and_markdown(tmp_path):
     rows = [{"method": "a", "held-in": 1.234, "held-out": None}]
-    js, md = analysis.write_report(tmp_path, "t", {"x": 1}, rows, ["method", "held-in", "held-out"], title="T",
+    js, md = write_report(tmp_path, "t", {"x": 1}, rows, ["method", "held-in", "held-out"], title="T",
                                    notes=["note"])
     assert json.loads(js.read_text())["rows"] == rows
     text = md.read_text()
@@ -95,7 +97,7 @@ def test_table1_fig6_fig5_table3_table4_at_toy_size(toy):
 
 def test_the_expert_library_is_reused(toy, monkeypatch):
     setup, _ = toy
-    import sparse_engine.experts as experts
+    import sparse_engine.experiments.experts as experts
 
     def no_training(*args, **kwargs):
         raise AssertionError("an expert was trained again")
@@ -119,10 +121,9 @@ def test_cli_reproduce_rejects_bad_input(tmp_path, capsys):
 def test_table4_trains_a_copy_of_the_merge():
     import torch
 
-    from sparse_engine.analysis import _clone_delta
     from sparse_engine.formats import SparseDelta
 
     delta = SparseDelta((4, 4), torch.ones(3), torch.tensor([0, 5, 9], dtype=torch.int32))
-    copy_ = _clone_delta(delta)
+    copy_ = delta.clone()
     copy_.values.add_(1.0)
     assert torch.equal(delta.values, torch.ones(3))

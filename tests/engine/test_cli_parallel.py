@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparse_engine import results as result_files
+from sparse_engine.experiments import results as result_files
 from sparse_engine.cli import main
 
 from .dist_harness import REPO, free_port
@@ -176,7 +176,7 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path, tiny_base_dir):
     """Rank 1's training raises while rank 0 trains its own expert: rank 0 must not wait forever."""
     script = _script(tmp_path, "fail_one.py", """
         import os, sys
-        import sparse_engine.experts as experts
+        import sparse_engine.experiments.experts as experts
         from sparse_engine.cli import main
         if os.environ["RANK"] == "1":
             def broken(*args, **kwargs):
@@ -198,9 +198,10 @@ def test_reproduce_splits_the_missing_experts_across_ranks(tmp_path, tiny_base_c
     script = _script(tmp_path, "reproduce.py", """
         import json, sys
         import torch.distributed as dist
-        from sparse_engine import analysis, distributed
+        from sparse_engine import distributed
+        from sparse_engine.experiments import analysis
         from sparse_engine.builtin import BuiltinBaseSpec
-        from sparse_engine.ranks import Ranks
+        from sparse_engine.experiments.ranks import Ranks
 
         out, cache, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
         ranks = Ranks(distributed.init_from_env())
@@ -288,7 +289,7 @@ def test_concurrent_writers_in_threads_never_lose_entries(tmp_path, monkeypatch)
 def test_concurrent_writer_processes_never_lose_entries(tmp_path):
     script = _script(tmp_path, "writer.py", """
         import sys, time
-        from sparse_engine import results
+        from sparse_engine.experiments import results
         original = results.merge_train_results
         def slow(old, new):
             time.sleep(0.01)
@@ -337,7 +338,7 @@ def test_single_process_commands_refuse_torchrun(monkeypatch, capsys, tmp_path):
 
 
 def test_one_process_is_a_world_of_one_rank():
-    from sparse_engine.ranks import RankFailed, Ranks
+    from sparse_engine.experiments.ranks import RankFailed, Ranks
 
     ranks = Ranks()
     assert (ranks.rank, ranks.size, ranks.is_main, ranks.prefix()) == (0, 1, True, "")

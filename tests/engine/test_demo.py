@@ -1,6 +1,6 @@
 import json
 
-from sparse_engine.experts import run_demo
+from sparse_engine.experiments.experts import run_demo
 
 
 def test_demo_at_reduced_size(tmp_path, tiny_base_cache, tiny_base_spec):
@@ -28,7 +28,7 @@ def test_lora_expert_does_not_depend_on_the_global_rng(tiny_base_cache, tiny_bas
 
     from sparse_engine import data
     from sparse_engine.builtin import load_builtin_base
-    from sparse_engine.experts import ExpertSpec, train_task_expert
+    from sparse_engine.experiments.experts import ExpertSpec, train_task_expert
     from sparse_engine.training import TrainingConfig
 
     model, tokenizer = load_builtin_base(tiny_base_spec, cache_dir=tiny_base_cache, progress=False)

@@ -24,7 +24,7 @@ from sparse_engine import data, distributed, evaluation
 from sparse_engine.baselines import attach_lora, matched_lora_rank, prepare_full_finetune
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.io import save_adapter
-from sparse_engine.ranks import Ranks
+from sparse_engine.experiments.ranks import Ranks
 from sparse_engine.training import TrainingConfig, train_expert
 
 METHODS = ("sparse", "block", "lora", "full")
@@ -214,7 +214,7 @@ def merged_section(base_model, tokenizer, held_in: dict, held_out: dict, experts
     ``held_in``: the tasks the experts were trained on; ``held_out``: unseen tasks.
     Returns ``{"rows": [...], "table": markdown, "scores": {...}}``.
     """
-    from sparse_engine.analysis import evaluate_held
+    from sparse_engine.experiments.reports import evaluate_held
     from sparse_engine.merging import apply_merged, load_expert, merge_experts
 
     labels = {"overlap_average": "Eq. 4 averaging", "average": "averaging", "task_arithmetic": "task arithmetic",

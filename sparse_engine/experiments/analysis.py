@@ -34,7 +34,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from sparse_engine import data, evaluation, results
+from sparse_engine import data, evaluation
+from sparse_engine.experiments import results
+from sparse_engine.experiments.reports import evaluate_held, write_report
 from sparse_engine.merging import (
     Expert,
     MergeResult,
@@ -43,7 +45,7 @@ from sparse_engine.merging import (
     mask_result,
     merge_experts,
 )
-from sparse_engine.ranks import Ranks
+from sparse_engine.experiments.ranks import Ranks
 
 KINDS = ("sparse", "block", "lora", "full")
 KIND_LABELS = {"sparse": "Element-Sparse", "block": "Block-Sparse", "lora": "LoRA", "full": "Full-Finetune",
@@ -84,33 +86,6 @@ PAPER_FIG5 = {"masked_drop_pct": 20.61, "additional_drop_pct": 13.05}
 
 
 # ============================================================================ evaluation
-def evaluate_held(model, tokenizer, held_in: Mapping, held_out: Mapping | None = None, **gen_kwargs) -> dict:
-    """Rouge-L per task and the means, held-in and held-out: the paper's two columns."""
-    result = {"held_in": evaluation.evaluate_tasks(model, tokenizer, held_in, **gen_kwargs) if held_in else {}}
-    result["held_out"] = evaluation.evaluate_tasks(model, tokenizer, held_out, **gen_kwargs) if held_out else {}
-    for split in ("held_in", "held_out"):
-        result[f"{split}_mean"] = evaluation.mean_score(result[split]) if result[split] else None
-    return result
-
-
-def write_report(out_dir, name: str, payload: dict, rows: Sequence[Mapping], columns: Sequence[str],
-                 title: str | None = None, notes: Sequence[str] = ()) -> tuple[Path, Path]:
-    """``<name>.json`` (``payload`` with ``rows`` added) and ``<name>.md`` (a title, the table, notes)."""
-    out = Path(out_dir)
-    payload["rows"] = list(rows)  # the caller's payload gets the rows too
-    js = evaluation.write_results_json(out / f"{name}.json", payload)
-    lines = [f"## {title}", ""] if title else []
-    lines.append(evaluation.markdown_table(rows, columns))
-    if notes:
-        lines.append("")
-        lines.extend(notes)
-    md = out / f"{name}.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(md)
-    return js, md
-
-
 # ================================================================================ setup
 @dataclass
 class PaperSetup:
@@ -161,7 +136,7 @@ class PaperSetup:
 
     def library_key(self) -> str:
         """Hash of everything that determines the trained experts (not the evaluation)."""
-        from sparse_engine.experts import DEFAULT_LEARNING_RATES
+        from sparse_engine.experiments.experts import DEFAULT_LEARNING_RATES
 
         base = self.base_spec.key() if self.base_spec is not None else "default"
         blob = {"n_train": self.n_train, "n_test": self.n_test, "epochs": self.epochs, "batch_size": self.batch_size,
@@ -180,7 +155,7 @@ class Workspace:
     Its methods work in this process alone (they train with ``process_group=None``, even under
     torchrun), except :meth:`train_in_parallel`, which splits experts across ranks. Every
     change to ``index.json`` is merged into the file under its lock
-    (:func:`sparse_engine.results.update_json`), so processes filling one library at the same
+    (:func:`sparse_engine.experiments.results.update_json`), so processes filling one library at the same
     time never lose each other's entries.
 
     ``ranks``: under torchrun, rank 0 builds a missing built-in base first, then the others
@@ -247,7 +222,7 @@ class Workspace:
 
     def _spec(self, method: str, *, layer_drop: bool = False, epochs: int | None = None):
         from sparse_engine.config import SparseAdapterConfig
-        from sparse_engine.experts import DEFAULT_LEARNING_RATES, ExpertSpec
+        from sparse_engine.experiments.experts import DEFAULT_LEARNING_RATES, ExpertSpec
         from sparse_engine.training import TrainingConfig
 
         rates = dict(DEFAULT_LEARNING_RATES, **self.setup.learning_rates)
@@ -270,7 +245,7 @@ class Workspace:
 
     def _train_expert(self, kind: str, name: str, rank: int = 0) -> dict:
         """Train, score on its own task and record the ``kind`` expert of task ``name``."""
-        from sparse_engine.experts import train_task_expert
+        from sparse_engine.experiments.experts import train_task_expert
 
         method = "sparse" if kind == "sparse_ld" else kind
         folder = self.library / ("layer_drop" if kind == "sparse_ld" else "")
@@ -347,7 +322,7 @@ class Workspace:
         return "multitask-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
     def _train_multitask(self, rank: int = 0) -> dict:
-        from sparse_engine.experts import train_task_expert
+        from sparse_engine.experiments.experts import train_task_expert
 
         key = self._multitask_key()
         self.log(f"training the multitask baseline on {len(self.setup.held_in)} tasks")
@@ -653,7 +628,7 @@ def run_table4(setup: PaperSetup, workspace: Workspace | None = None, epochs: Se
     model W + ΔW_m trains. Both on all held-in tasks together, from the Eq. 4 merge.
     """
     from sparse_engine.config import SparseAdapterConfig
-    from sparse_engine.experts import DEFAULT_LEARNING_RATES
+    from sparse_engine.experiments.experts import DEFAULT_LEARNING_RATES
     from sparse_engine.model import adapter_layers, attach
     from sparse_engine.training import TrainingConfig, train_expert
 
@@ -679,7 +654,7 @@ def run_table4(setup: PaperSetup, workspace: Workspace | None = None, epochs: Se
                 layers = adapter_layers(model)
                 for pname, delta in merged.layers.items():
                     # a copy: load_sparse keeps the tensors it is given, and training updates them
-                    layers[pname[: -len(".weight")]].load_sparse(_clone_delta(delta))
+                    layers[pname[: -len(".weight")]].load_sparse(delta.clone())
                 lr = rates["sparse"]
             else:
                 apply_merged(model, merged)
@@ -714,14 +689,6 @@ def run_table4(setup: PaperSetup, workspace: Workspace | None = None, epochs: Se
     return payload
 
 
-def _clone_delta(delta):
-    from sparse_engine.formats import BlockSparseDelta, SparseDelta
-
-    if isinstance(delta, BlockSparseDelta):
-        return BlockSparseDelta(delta.shape, delta.blocks.clone(), delta.block_indices.clone())
-    return SparseDelta(delta.shape, delta.values.clone(), delta.indices.clone())
-
-
 RUNNERS = {"table1": run_table1, "fig6": run_fig6, "fig5": run_fig5, "table3": run_table3, "table4": run_table4}
 MULTITASK = "multitask"  # the job name of the multitask baseline in train_in_parallel
 
@@ -753,7 +720,7 @@ def experts_needed(names: Sequence[str], setup: PaperSetup, options: Mapping | N
 def reproduce(what: str, setup: PaperSetup, *, ranks: Ranks | None = None, **kwargs) -> dict:
     """Run one analysis (or ``all``) with a shared workspace; returns {name: payload}.
 
-    ``ranks`` (torchrun, see :mod:`sparse_engine.ranks`): the experts the analyses need are
+    ``ranks`` (torchrun, see :mod:`sparse_engine.experiments.ranks`): the experts the analyses need are
     first trained split across the ranks, then rank 0 alone runs the analyses and writes their
     outputs (every expert is in the library by then); the other ranks wait for it, so a failure
     is reported on every rank, and return ``{}``."""
