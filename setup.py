@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "dev": ["pytest>=7", "triton>=3.0"],
+        "dev": ["pytest>=7", "triton>=3.0", "ruff>=0.5", "import-linter>=2.0"],
         "bench": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["sparse-engine=sparse_engine.cli:main"]},

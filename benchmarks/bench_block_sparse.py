@@ -154,7 +154,7 @@ def run_compile_check(args):
     """Compile every autotune config for sm_90 with the installed Triton; no GPU is needed."""
     os.environ.pop("TRITON_INTERPRET", None)
     bsk, _ = _import_kernels()
-    if getattr(bsk._triton, "INTERPRET", False):
+    if getattr(bsk.runtime, "INTERPRET", False):
         print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
         return 1
     dt = {"bf16": "bf16", "fp16": "fp16"}[args.dtype]

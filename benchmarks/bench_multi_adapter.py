@@ -672,10 +672,10 @@ def check_model_agreement(torch, args, device, dtype):
 def run_compile_check(args):
     """Compile every config of the multi-adapter kernels for sm_90 with the installed Triton."""
     os.environ.pop("TRITON_INTERPRET", None)
-    from sparse_engine.kernels import _triton
+    from sparse_engine.kernels import runtime
     from sparse_engine.kernels import multi_adapter as ma
 
-    if _triton.INTERPRET:
+    if runtime.INTERPRET:
         print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
         return 1
     jobs = []

@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton
+from . import runtime
 from .reference import build_block_slot_map, validate_block_indices
 
 __all__ = [
@@ -117,7 +117,7 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 def _dsd_configs():
-    if _triton.INTERPRET:  # COLS 2: the column loop and its guard (odd column counts) run in tests
+    if runtime.INTERPRET:  # COLS 2: the column loop and its guard (odd column counts) run in tests
         return [triton.Config({"BLOCK_M": 64, "KG": 2, "COLS": 2}, num_warps=4, num_stages=1)]
     cfgs = []
     for bm in (16, 32, 64, 128):
@@ -148,7 +148,7 @@ def _prune_by_m(block_name: str, defaults: tuple = ()):
         keep = keep or [min(configs, key=lambda c: c.kwargs[block_name])]
         if AUTOTUNE:
             return keep
-        chosen = _triton.matching_config(keep, defaults)
+        chosen = runtime.matching_config(keep, defaults)
         return [chosen] if chosen is not None else keep[:1]
 
     return prune
@@ -232,7 +232,7 @@ def _dsd_column(
 
 
 def _sdd_configs():
-    if _triton.INTERPRET:
+    if runtime.INTERPRET:
         return [triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -306,7 +306,7 @@ def _sdd_kernel(
 
 
 def _fused_configs():
-    if _triton.INTERPRET:
+    if runtime.INTERPRET:
         return [triton.Config({"BLOCK_P": 32, "BLOCK_M": 32, "BLOCK_Q": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
     cfgs = []
     for bp, bm, bq, w, s in (
@@ -496,7 +496,7 @@ def _check_device(device, **tensors):
     for name, t in tensors.items():
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
-    if not _triton.triton_usable_for(torch.empty(0, device=device)):
+    if not runtime.triton_usable_for(torch.empty(0, device=device)):
         raise RuntimeError(
             f"the Triton block-sparse kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}"
         )
@@ -589,7 +589,7 @@ def _bucket(n_blocks, n_lines):
 
 
 def _upcast(dtype):
-    return bool(_triton.INTERPRET and dtype == torch.bfloat16)
+    return bool(runtime.INTERPRET and dtype == torch.bfloat16)
 
 
 def _check_out(out, shape, dtype, device, name="out"):

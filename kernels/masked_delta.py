@@ -97,7 +97,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the engine falls back to reference.py
     raise ImportError("sparse_engine.kernels.masked_delta needs Triton; use kernels.reference on CPU") from exc
 
-from ._triton import INTERPRET
+from .runtime import INTERPRET
 
 __all__ = [
     "LAYOUT_TILE",

@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton
+from . import runtime
 
 __all__ = ["build_tiles", "choose_block_m", "multi_block_delta", "multi_element_delta"]
 
@@ -109,7 +109,7 @@ def _tile_tokens(tile_ptr, tok_ptr, pid_t, BLOCK_M: tl.constexpr):
 
 
 def _block_configs():
-    if _triton.INTERPRET:
+    if runtime.INTERPRET:
         return [triton.Config({"KG": 2, "ROWS": 2}, num_warps=4, num_stages=1)]
     cfgs = []
     for kg in (2, 4, 8):
@@ -130,7 +130,7 @@ def _one_default(default):
     def prune(configs, named_args, **kwargs):
         if AUTOTUNE or len(configs) == 1:
             return configs
-        chosen = _triton.matching_config(configs, [default])
+        chosen = runtime.matching_config(configs, [default])
         return [chosen] if chosen is not None else configs[:1]
 
     return prune
@@ -195,7 +195,7 @@ def _multi_block_kernel(
 
 
 def _element_configs():
-    if _triton.INTERPRET:
+    if runtime.INTERPRET:
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -369,7 +369,7 @@ def multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, bloc
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         sb[0], sb[1], sb[2],
         B=bs, BLOCK_M=block_m, IEEE=x.dtype == torch.float32,
-        UPCAST=bool(_triton.INTERPRET and x.dtype == torch.bfloat16),
+        UPCAST=bool(runtime.INTERPRET and x.dtype == torch.bfloat16),
     )
     return out
 
@@ -398,6 +398,6 @@ def multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, co
         x, out, token_order, tiles, row_ptr, cols, values,
         d_out, _bucket(n_sel), _bucket(d_in), row_ptr.stride(0),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, UPCAST=bool(_triton.INTERPRET and x.dtype == torch.bfloat16),
+        BLOCK_M=block_m, UPCAST=bool(runtime.INTERPRET and x.dtype == torch.bfloat16),
     )
     return out

@@ -102,7 +102,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._triton import HAS_TRITON, triton_usable_for
+from .runtime import HAS_TRITON, triton_usable_for
 from .reference import kept_masks  # noqa: F401 - part of this module's API (shared with the twin)
 
 SCORES = ("mcs", "snip", "gm", "wm")

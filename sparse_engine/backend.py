@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from sparse_engine.config import BACKENDS
-from sparse_engine.kernels import _triton
+from sparse_engine.kernels import runtime
 from sparse_engine.kernels import reference as ref
 
 _TRITON_MODULES = {
@@ -58,11 +58,11 @@ def resolve(setting: str, tensor: torch.Tensor) -> Kernels:
         raise ValueError(f"unknown backend {setting!r}; choose from {BACKENDS}")
     if setting == "reference":
         return REFERENCE
-    usable = _triton.triton_usable_for(tensor)
+    usable = runtime.triton_usable_for(tensor)
     if setting == "triton" and not usable:
         raise RuntimeError(
             "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 set before import "
-            f"for the CPU interpreter); got a {tensor.device.type} tensor, triton installed: {_triton.HAS_TRITON}"
+            f"for the CPU interpreter); got a {tensor.device.type} tensor, triton installed: {runtime.HAS_TRITON}"
         )
     if not usable or (setting == "auto" and not tensor.is_cuda):
         return REFERENCE

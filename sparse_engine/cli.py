@@ -544,9 +544,9 @@ def _check_paths_and_backend(args) -> None:
     if getattr(args, "backend", "auto") == "triton":
         import torch
 
-        from sparse_engine.kernels import _triton
+        from sparse_engine.kernels import runtime
 
-        if not _triton.triton_usable_for(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
+        if not runtime.triton_usable_for(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
             raise ValueError("--backend triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the CPU "
                              "interpreter); use --backend auto or reference")
 

@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 
 from sparse_engine import SparseAdapterConfig
-from sparse_engine.kernels import _triton
+from sparse_engine.kernels import runtime
 from sparse_engine.layers import SparseAdapterLinear
 from sparse_engine.masking import compute_scores, select
 
 pytestmark = pytest.mark.skipif(
-    not (_triton.HAS_TRITON and (torch.cuda.is_available() or _triton.INTERPRET)),
+    not (runtime.HAS_TRITON and (torch.cuda.is_available() or runtime.INTERPRET)),
     reason="needs Triton on CUDA or TRITON_INTERPRET=1",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,7 +13,7 @@ from torch import nn
 from sparse_engine import SparseAdapterConfig, attach
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import base_fingerprint, read_adapter, save_adapter
-from sparse_engine.kernels import _triton
+from sparse_engine.kernels import runtime
 from sparse_engine.model import adapter_layers
 from sparse_engine.experiments.routed import run_routed_eval
 from sparse_engine.serving import AdapterLibrary, MultiAdapterLinear, evaluate_routed
@@ -21,7 +21,7 @@ from sparse_engine.serving import AdapterLibrary, MultiAdapterLinear, evaluate_r
 from .helpers import tiny_phi3
 
 VOCAB = 64
-TRITON_OK = _triton.HAS_TRITON and (torch.cuda.is_available() or _triton.INTERPRET)
+TRITON_OK = runtime.HAS_TRITON and (torch.cuda.is_available() or runtime.INTERPRET)
 QKV = [f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)]  # tiny_phi3's adapted layers, 192×64
 
 

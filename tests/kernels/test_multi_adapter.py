@@ -5,12 +5,12 @@ fp32/fp16 here, bf16 only with CUDA. Shapes are small on purpose.
 """
 import pytest
 import torch
-from sparse_engine.kernels import _triton
+from sparse_engine.kernels import runtime
 from sparse_engine.kernels import reference as ref
 
-pytestmark = pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not runtime.HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _triton.INTERPRET:  # pragma: no cover - conftest sets it
+if DEVICE == "cpu" and not runtime.INTERPRET:  # pragma: no cover - conftest sets it
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from sparse_engine.kernels import multi_adapter as ma

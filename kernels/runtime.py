@@ -1,4 +1,4 @@
-"""Small helpers shared by the Triton kernels: availability, interpreter mode, autotune defaults.
+"""The shared runtime of the Triton kernels: availability, interpreter mode, autotune defaults.
 
 ``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined (the
 test suite's conftest does it on machines without CUDA). In the interpreter bf16 is held
