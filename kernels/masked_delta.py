@@ -97,7 +97,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the engine falls back to reference.py
     raise ImportError("sparse_engine.kernels.masked_delta needs Triton; use kernels.reference on CPU") from exc
 
-from .runtime import INTERPRET
+from .runtime import INTERPRET, SCORES
 
 __all__ = [
     "LAYOUT_TILE",
@@ -120,7 +120,6 @@ __all__ = [
 ]
 
 LAYOUT_TILE = 64  # columns per layout tile; ranks 0..63 fit an int8
-SCORES = ("mcs", "snip", "gm", "wm")
 _SCORE_ID = {name: i for i, name in enumerate(SCORES)}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _HIST_BINS = 1 << 16

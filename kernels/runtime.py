@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SCORES = ("mcs", "snip", "gm", "wm")  # the scores the kernels compute (the engine adds "gd" on top)
 HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
 
 

@@ -102,10 +102,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .runtime import HAS_TRITON, triton_usable_for
+from .runtime import HAS_TRITON, SCORES, triton_usable_for
 from .reference import kept_masks  # noqa: F401 - part of this module's API (shared with the twin)
 
-SCORES = ("mcs", "snip", "gm", "wm")
 _KIND = {"identity": 0, "mcs": 1, "snip": 2, "gm": 3, "wm": 4}
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ALL_ONES = 0xFFFFFFFF

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from sparse_engine.config import BACKENDS, SCORES
+
 
 def _positive(kind):
     """An argparse type for numbers > 0: a 0 must not fall back to a default silently."""
@@ -38,14 +40,14 @@ def _add_training_args(p: argparse.ArgumentParser, epochs: int, batch_size: int)
 def _add_adapter_args(p: argparse.ArgumentParser, update_interval: int) -> None:
     g = p.add_argument_group("sparse adapter")
     g.add_argument("--keep-ratio", type=float, default=0.1, help="trainable fraction of each target weight (default: %(default)s)")
-    g.add_argument("--score", default="mcs", choices=["mcs", "snip", "gm", "wm", "gd"], help="mask score (default: %(default)s)")
+    g.add_argument("--score", default="mcs", choices=SCORES, help="mask score (default: %(default)s)")
     g.add_argument("--update-interval", type=int, default=update_interval,
                    help="optimizer steps between mask updates in the mask epochs (default: %(default)s)")
     g.add_argument("--mask-epochs", type=int, default=1, help="epochs with mask updates (default: %(default)s)")
     g.add_argument("--layer-drop", action="store_true", help="one global threshold over all layers (Eq. 5-6)")
     g.add_argument("--target-modules", nargs="+", default=None,
                    help="nn.Linear names to adapt (default: qkv_proj; Llama-style: q_proj k_proj v_proj)")
-    g.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"], help="kernel backend (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,11 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------- merge / eval / reproduce
-_MERGE_METHODS = ["overlap_average", "eq4", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                  "breadcrumbs", "magnitude_prune"]
-
 
 def _add_merge_parser(sub) -> None:
+    from sparse_engine.merging import ALIASES, METHODS
+
     merge = sub.add_parser(
         "merge", help="merge expert files (sparse adapters, LoRA or full fine-tune experts) into one",
         description="Merge experts with the paper's Eq. 4 (overlap_average, for sparse adapters) or a baseline. "
@@ -124,8 +125,9 @@ def _add_merge_parser(sub) -> None:
                     "(the union of the masks; load it with load_adapter or `eval --adapter`), any other as an "
                     "expert file. Hyper-parameters left out take the method's defaults (docs/merging.md).")
     merge.add_argument("experts", nargs="+", help="expert files (.safetensors)")
-    merge.add_argument("--method", default="overlap_average", choices=_MERGE_METHODS,
-                       help="merge method (default: %(default)s = Eq. 4; eq4 is an alias)")
+    merge.add_argument("--method", default="overlap_average", choices=[*METHODS, *ALIASES],
+                       help="merge method (default: %(default)s = Eq. 4; aliases: "
+                            + ", ".join(f"{a} = {m}" for a, m in ALIASES.items()) + ")")
     merge.add_argument("--out", required=True, help="output file (.safetensors)")
     merge.add_argument("--lam", type=float, default=None, help="λ: scale of the weighted methods (TA 0.3, TIES 1.0, ...)")
     merge.add_argument("--weights", type=float, nargs="+", default=None, help="per-expert weights (w_i = λ·weight_i)")
@@ -206,13 +208,13 @@ def _add_reproduce_parser(sub) -> None:
 
 
 def _cmd_merge(args) -> int:
-    from sparse_engine.merging import apply_merged, load_expert, merge_experts, resolve_params, save_merged
+    from sparse_engine.merging import ALIASES, apply_merged, load_expert, merge_experts, resolve_params, save_merged
 
     params = {"lam": args.lam, "density": args.density, "sign": args.sign, "drop_rate": args.drop_rate,
               "beta": args.beta, "gamma": args.gamma}
     if args.no_rescale:
         params["rescale"] = False
-    method = "overlap_average" if args.method == "eq4" else args.method
+    method = ALIASES.get(args.method, args.method)
     params = {k: v for k, v in params.items() if v is not None}
     resolve_params(method, **params)  # bad hyper-parameters fail before any file is read
     out = Path(args.out)

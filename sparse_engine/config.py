@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-SCORES = ("mcs", "snip", "gm", "wm", "gd")
+from sparse_engine.kernels.runtime import SCORES as KERNEL_SCORES
+
+SCORES = (*KERNEL_SCORES, "gd")  # gd: drop by |Ŵ|, grow by |G| (two kernel top-ks)
 BACKENDS = ("auto", "triton", "reference")
 SUPPORTED_BLOCK_SIZES = (16,)
 DEFAULT_TARGET_MODULES = ("qkv_proj",)

@@ -45,12 +45,13 @@ from sparse_engine.merging import (
     mask_result,
     merge_experts,
 )
+from sparse_engine.experiments.experts import METHODS
 from sparse_engine.experiments.ranks import Ranks
 
-KINDS = ("sparse", "block", "lora", "full")
+KINDS = METHODS  # the expert kinds are the training methods
 KIND_LABELS = {"sparse": "Element-Sparse", "block": "Block-Sparse", "lora": "LoRA", "full": "Full-Finetune",
                "sparse_ld": "Element-Sparse + layer drop"}
-METHOD_LABELS = {"overlap_average": "Averaging (Eq. 4)", "average": "Averaging", "task_arithmetic": "Task-Arithmetic",
+MERGE_LABELS = {"overlap_average": "Averaging (Eq. 4)", "average": "Averaging", "task_arithmetic": "Task-Arithmetic",
                  "ties": "Ties", "dare_linear": "DARE", "dare_ties": "DARE-Ties", "breadcrumbs": "Breadcrumbs",
                  "magnitude_prune": "Magnitude-prune"}
 # The merges of Table 1, per expert kind: (method, hyper-parameters). Sparse experts are
@@ -422,7 +423,7 @@ def run_table1(setup: PaperSetup, workspace: Workspace | None = None, methods: d
             scores = ws.evaluate(merged)
             details["merges"][f"{kind}/{method}"] = {"params": merged.params, "stats": merged.stats, **scores}
             paper = PAPER_TABLE1.get((kind, method), (None, None))
-            rows.append({"method": KIND_LABELS[kind], "merging": METHOD_LABELS[method], "% trainable": f"{pct:.2f}%",
+            rows.append({"method": KIND_LABELS[kind], "merging": MERGE_LABELS[method], "% trainable": f"{pct:.2f}%",
                          "held-in": _r(scores["held_in_mean"]), "held-out": _r(scores["held_out_mean"]),
                          "paper held-in": paper[0], "paper held-out": paper[1]})
         if kind in ROUTABLE_KINDS:  # the alternative to merging: each request to its own expert
@@ -472,7 +473,7 @@ def run_fig6(setup: PaperSetup, workspace: Workspace | None = None, ns: Sequence
     cache: dict[tuple, float] = {}
     for kind, method in pairs:
         experts = ws.ensure_experts(kind, setup.held_in)
-        label = f"{KIND_LABELS[kind]} / {METHOD_LABELS[method]}"
+        label = f"{KIND_LABELS[kind]} / {MERGE_LABELS[method]}"
         results[label] = {}
         for n in ns:
             ws.log(f"fig6: {label}, N={n}")

@@ -201,6 +201,8 @@ def summary_rows(results: dict, total_params: int | None = None) -> list[dict]:
 DEMO_HELD_OUT = ("sort_descending", "count_animals", "fruit_to_colour")
 # The demo's merged section (Table-1-like): Eq. 4 for sparse experts, plain averaging for
 # the dense ones, and two baselines for every kind (default hyper-parameters).
+DEMO_MERGE_LABELS = {"overlap_average": "Eq. 4 averaging", "average": "averaging", "task_arithmetic": "task arithmetic",
+                     "ties": "TIES"}
 DEMO_MERGES = {"sparse": ("overlap_average", "task_arithmetic", "ties"),
                "block": ("overlap_average", "task_arithmetic", "ties"),
                "lora": ("average", "task_arithmetic", "ties"),
@@ -217,8 +219,6 @@ def merged_section(base_model, tokenizer, held_in: dict, held_out: dict, experts
     from sparse_engine.experiments.reports import evaluate_held
     from sparse_engine.merging import apply_merged, load_expert, merge_experts
 
-    labels = {"overlap_average": "Eq. 4 averaging", "average": "averaging", "task_arithmetic": "task arithmetic",
-              "ties": "TIES"}
     gen = {"max_new_tokens": max_new_tokens, "max_length": max_length, "batch_size": 100}
     base = evaluate_held(base_model, tokenizer, held_in, held_out, **gen)
     rows = [{"experts": "base (no training)", "merging": "-", "held-in": round(base["held_in_mean"], 2),
@@ -233,7 +233,7 @@ def merged_section(base_model, tokenizer, held_in: dict, held_out: dict, experts
             res = evaluate_held(model, tokenizer, held_in, held_out, **gen)
             del model
             scores[f"{method}/{merge}"] = res
-            rows.append({"experts": METHOD_LABELS.get(method, method), "merging": labels.get(merge, merge),
+            rows.append({"experts": METHOD_LABELS.get(method, method), "merging": DEMO_MERGE_LABELS.get(merge, merge),
                          "held-in": round(res["held_in_mean"], 2),
                          "held-out": round(res["held_out_mean"], 2) if held_out else None})
     return {"rows": rows, "table": evaluation.markdown_table(rows, list(rows[0].keys())), "scores": scores}
