@@ -2,7 +2,7 @@
 
 The top-level folder ``kernels/`` is installed as ``sparse_engine.kernels``: a top-level
 import name ``kernels`` would collide with Hugging Face's ``kernels`` library, which
-``transformers`` probes for at import time (see DESIGN.md section 2).
+``transformers`` probes for at import time.
 """
 from setuptools import setup
 

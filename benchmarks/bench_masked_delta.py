@@ -1,33 +1,11 @@
-"""Benchmark of the fused masked-delta kernels (issue 4) against the dense PyTorch reference,
-PEFT's SHiRA layer and plain F.linear on W alone, all in the same run.
+"""Benchmark of the fused masked-delta kernels against the dense PyTorch reference, a
+materialise-then-cuBLAS variant, PEFT's SHiRA layer and plain F.linear on W alone, in one run.
 
-Shape: Phi-3-mini qkv_proj (d_in 3072, d_out 9216), bf16, tokens 2048/8192/16384, keep
-ratio 0.01/0.1/0.5. Ops: forward, backward, forward+backward (search phase: dense Ŵ + mask;
-fixed phase: compact values + indices) and the mask-score pass. Times are
-``triton.testing.do_bench`` medians; peak memory (extra bytes allocated over the resident
-inputs) is measured in a separate run of each op. Rows go to
-``benchmarks/results/masked_delta.jsonl`` (device, torch/triton versions, git commit, date).
-
-Variants
-  ours      the Triton launchers of kernels/masked_delta.py, called directly (what
-            sparse_engine.ops does in its autograd Functions)
-  reference kernels/reference.py through autograd: materialise W + Ŵ⊙M (or index_add of the
-            compact values), F.linear, backward by autograd
-  materialize  search phase only: W + Ŵ⊙M formed by one compiled elementwise pass into a
-            weight-sized buffer, cuBLAS forward / dX, our masked dŴ kernel (the design the
-            fused-operand GEMMs are meant to beat; not the engine's path)
-  shira     peft.tuners.shira.Linear (fixed phase; clones W and adds a sparse COO delta on
-            every forward), same nnz and mask as ours
-  floor     F.linear on W alone: W frozen (fwd + dX) and W trainable (fwd + dX + dW)
-
-Without CUDA nothing is timed or recorded: ``--smoke`` runs a tiny correctness pass through
-the Triton interpreter (and builds a SHiRA layer) and exits 0; ``--compile-report`` (alias ``--compile-check``, as the other benchmarks) compiles
-every kernel config for sm_90 (no GPU needed) and prints registers / spills / shared memory /
-HGMMA counts from cuobjdump.
-
-Goals (issue 4): fixed fwd+bwd <= 1.15x floor and >= 1.5x faster than SHiRA; search
-fwd+bwd >= 1.3x faster than the reference; the score pass writes <= 1/8 of a dense fp32
-gradient; no fp32 buffer of the weight's size once the mask is fixed.
+Phi-3-mini qkv_proj shape, bf16; forward, backward and forward+backward of the search and fixed
+phases, and the mask-score pass. Rows go to ``benchmarks/results/masked_delta.jsonl``, only from
+CUDA runs. ``--smoke``: a tiny correctness pass, no timing, nothing recorded; ``--compile-report``
+(alias ``--compile-check``): compile every kernel config for sm_90 (no GPU needed). Variants,
+what is timed and the goals: docs/kernels.md, section "Masked-delta kernels".
 """
 from __future__ import annotations
 
@@ -561,7 +539,7 @@ def main(argv=None) -> int:
 
 
 def _summary(rows):
-    """Ratios against the issue's goals."""
+    """Ratios against the goals (docs/kernels.md, "Masked-delta kernels")."""
     def t(phase, op, variant, tokens, keep=None):
         for r in rows:
             if (r["phase"], r["op"], r["variant"], r["tokens"]) == (phase, op, variant, tokens) and r.get("ms") \

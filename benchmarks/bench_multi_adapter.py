@@ -1,38 +1,13 @@
 #!/usr/bin/env python
-"""Benchmark of batched multi-adapter serving (issue 7, item 5).
+"""Benchmark of batched multi-adapter serving against the base model, a merged model, PEFT LoRA
+mixed batches and a per-adapter loop.
 
-Phi-3-mini layer sizes (hidden 3072, qkv_proj 9216×3072, MLP 8192, 32 heads, vocab 32064),
-random weights, bf16, N block-sparse (or element-sparse) adapters at keep ratio 0.1 on every
-qkv_proj. Batch 1..256 rows, N = 1/8/64/256 *distinct adapters in the batch* (N <= batch),
-popularity uniform (round-robin) or skewed (Zipf s=1.1, every adapter used at least once).
-In one run, for each case:
-
-  level op    (one qkv_proj, x [rows, tokens, 3072]):
-    base     F.linear(x, W)                                      (the ceiling)
-    merged   F.linear(x, W + ΔW_0)                               (one merged model: same cost as base)
-    ours     F.linear + segmented multi-adapter delta kernel     (AdapterLibrary, plan cached per batch)
-    peft     PEFT LoRA, N adapters, mixed batch adapter_names=   (rank matched to the kept count)
-    loop     per distinct adapter: fused block_delta_linear on its rows (the single-adapter path)
-  level model (a Phi-3-mini with --layers decoder layers):
-    base / merged / ours / peft / loop (loop = the model run once per distinct adapter on its rows)
-
-Phases: prefill (rows × --prompt tokens, no cache) and decode (one token per row against a KV
-cache of --context tokens; the cache is cropped back after each timed step). Reported:
-tokens/s, the ratio against base, and for decode the bytes a step must read (op: W + each
-distinct adapter's values, column ids and row pointers once; model: every weight read in a
-step + the KV cache + the distinct adapters) over the time, against the measured copy
-bandwidth of the device (read + write bytes of a 1 GiB device copy). The kernel reads an
-adapter once per tile of up to 128 of its rows, so an adapter used by more than 128 rows of
-a batch is read more than once (at batch 256: 1 adapter, and at times the most popular of
-8 skewed; never in the 64-adapter goal cases, whose largest share is about 60 rows):
-``max_rows_per_adapter`` in each row says when; those extra reads count against ours, they
-are not in ``bytes_needed``.
-
-Times: ``triton.testing.do_bench`` median (L2 flushed before every call). Rows are appended
-to ``benchmarks/results/multi_adapter.jsonl`` with device, versions, commit and date; only
-from CUDA runs. Without CUDA the script refuses to record (exit 0); ``--smoke`` runs every
-implementation on a tiny Phi-3 on the CPU (reference backend), checks they agree and writes
-nothing; ``--compile-check`` compiles every kernel config for sm_90 (no GPU needed).
+Phi-3-mini layer sizes, random bf16 weights, 1 to 256 distinct adapters in batches of 1 to 256
+rows, prefill and decode, at the op level (one qkv_proj) and the model level. Rows go to
+``benchmarks/results/multi_adapter.jsonl``, only from CUDA runs. ``--smoke``: every
+implementation on a tiny Phi-3, checked for agreement, nothing recorded; ``--compile-check``:
+compile every kernel config for sm_90 (no GPU needed). What is timed, the bytes counted and the
+goals: docs/serving.md, section "Benchmark".
 """
 from __future__ import annotations
 
@@ -49,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_rows, run_metadata, sm90_compile_check
 
 IMPLS = ("base", "merged", "ours", "peft", "loop")
-GOALS = (  # (level, phase, metric, impl, minimum) at 64 distinct block adapters, keep 0.1 (issue 7)
+GOALS = (  # (level, phase, metric, impl, minimum) at 64 distinct block adapters, keep 0.1 (docs/serving.md)
     ("model", "prefill", "ratio_vs_base", "ours", 0.85),
     ("op", "decode", "frac_of_bandwidth", "ours", 0.70),
     ("model", "prefill", "speedup_vs_peft", "ours", 10.0),

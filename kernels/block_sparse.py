@@ -1,67 +1,12 @@
 """Triton kernels for 16×16 block-sparse adapters: ΔW given as ``blocks [n, B, B]`` at int32
 sorted flat block ids ``row_block * (d_in // B) + col_block`` of the ``(d_out, d_in)`` weight.
 
-Launchers (drop-in for the twins in ``kernels/reference.py``; extra arguments are keyword-only):
-
-* ``block_delta_matmul(x, blocks, block_indices, d_out, out=None)``: y (+)= x·ΔWᵀ (DSD, issue 5 item 1a)
-* ``block_delta_grad_input(dy, blocks, block_indices, d_in, out=None)``: dX (+)= dY·ΔW (DSD, item 1b)
-* ``block_grad_blocks(dy, x, block_indices, block_size)``: fp32 dYᵀX at the kept tiles only (SDD, 1c)
-* ``block_delta_linear(x, weight, blocks, block_indices, bias=None)``: y = x(W + ΔW)ᵀ + b, the kept
-  blocks added into the base-weight tiles inside one GEMM (1d)
-* ``block_grad_input(dy, weight, blocks, block_indices)``: dX = dY(W + ΔW), fused the same way
-* ``build_block_slot_map`` / ``build_block_layout``: index structures, built and validated once.
-
-Index structures. ``slot_map`` is int32 ``[d_out/B, d_in/B]``: entry = the position of the
-tile's block in ``blocks``, -1 when the tile is absent (the fused GEMMs use it). ``BlockLayout``
-adds CSR (row pointers + column ids, in the blocks' own sorted order), CSC (column pointers +
-a permutation of the slots) and the per-row chunk list of the SDD kernel. Without either,
-each launcher derives what it needs from ``block_indices`` with a few device ops (no host
-sync) after validating the ids (one host sync). With ``slot_map=``/``layout=`` the ids are
-trusted: they were validated when the structure was built.
-
-Kernel design (cost ~ number of kept blocks, except the fused GEMMs which are dense by
-definition):
-
-* DSD (delta forward / delta dX): one program per (COLS output block columns, BLOCK_M
-  tokens), the columns one after the other. A column walks only its kept blocks (CSR row
-  for y = xΔWᵀ, CSC column for dX = dYΔW), KG blocks per step: the KG 16-wide input slices
-  they touch are gathered into one [BLOCK_M, KG·B] operand and the KG blocks stacked into
-  [KG·B, B], one tl.dot. Absent blocks are never read; an output column with no block is
-  written as zeros (or left untouched when accumulating). COLS = 1 with cp.async pipelining
-  is the plain form; COLS = 16/64 over 16-32 tokens with plain loads (num_stages 1) lets the
-  later columns of a program find the token tile's x slices in L1 (an untimed alternative to
-  the L2-bound form below, left to the autotuner).
-* SDD (dBlocks): one program per chunk of up to KG kept blocks of one block row. It
-  streams all tokens once: dY's 16 columns of that row are loaded once per token tile and
-  shared by the KG blocks, whose x slices are gathered into [KG·B, BLOCK_K]; the product
-  is only formed at kept tiles (never a dense dW). The chunk list is derived on device;
-  programs find their chunk by a binary search over per-row chunk offsets.
-* Fused GEMMs: a standard grouped-order GEMM computed transposed (accᵀ[BLOCK_P, BLOCK_M] =
-  W_eff tile · Aᵀ tile) so the modified weight tile is the register-side operand. Each
-  BLOCK_Q step is cut in B-wide sub-steps; per sub-step the slot of each B-row group is one
-  gathered int32, the block's B×B values are loaded with a mask (absent tiles fetch nothing)
-  and added to the base tile in fp32, then cast to the activations' dtype, exactly like
-  the reference (W + ΔW formed in fp32, cast, matmul).
-
-Numerics: fp32 accumulation everywhere; fp32 inputs use IEEE dots (not tf32) so fp32 results
-match PyTorch's fp32 matmul. In the interpreter bf16 arithmetic is wrong, so bf16 tiles are
-upcast to fp32 after loading (``UPCAST``, set only when interpreting).
-
-Compiled for sm_90 without a GPU (``benchmarks/bench_block_sparse.py --compile-check``,
-triton 3.6 and 3.9): every autotune config compiles with no spills, the gathered x / dY
-slices load through cp.async (LDGSTS, no scalar loads), the matrix products are HGMMA
-(wgmma) from BLOCK_M/KG·B >= 64 on, and in the fused GEMMs the W + ΔW tile feeds HGMMA
-from registers.
-
-Performance model (not measured yet; Phi-3 qkv 9216×3072, keep 0.1 → 11 059 blocks, 8192
-tokens, bf16). Useful work 46 GFLOP; the fewest bytes (x, y, blocks once) 0.21 GB; the dense
-delta matmul is 464 GFLOP (~0.6 ms on an H100). A 16×16 block is used by 16 outputs only,
-so each kept block re-reads its 16-wide x slice for every token tile: the DSD moves about
-M·n·32 B = 2.9 GB from L2 (plus blocks·M/BLOCK_M), and the SDD about 1.25× that (the x slice
-per block, the dY slice shared by a chunk). Random 16×16 patterns share too few columns per
-row for on-chip reuse, so at keep 0.1 both are L2-bandwidth-bound rather than
-tensor-core-bound: the expected gain over dense is a small factor there and grows as the
-keep ratio falls (time ~ kept blocks). The fused GEMMs should sit near a plain Triton GEMM.
+Launchers (drop-in for the twins in ``kernels/reference.py``): ``block_delta_matmul`` and
+``block_delta_grad_input`` (the delta alone, DSD), ``block_grad_blocks`` (dYᵀX at the kept tiles
+only, SDD), ``block_delta_linear`` and ``block_grad_input`` (W + ΔW fused into one GEMM), and
+``build_block_slot_map`` / ``build_block_layout`` (index structures, validated once). The index
+structures, kernel design, numerics and performance model: docs/kernels.md, section
+"Block-sparse kernels".
 """
 from __future__ import annotations
 
@@ -129,7 +74,7 @@ def _dsd_configs():
     # Many output columns per program over one small token tile, plain loads (num_stages=1: no
     # cp.async, which bypasses L1): the tile's x slices can then be re-read from L1 instead of
     # L2 by the next columns (a kept 16x16 block only reuses its x slice 16 times, so at keep
-    # 0.1 the one-column configs are expected L2-bound). Untimed idea: the autotuner decides.
+    # 0.1 the one-column configs are expected L2-bound). The autotuner decides between them.
     for bm, cols in ((16, 16), (32, 16), (16, 64)):
         cfgs.append(triton.Config({"BLOCK_M": bm, "KG": 4, "COLS": cols}, num_warps=4, num_stages=1))
     return cfgs
@@ -409,7 +354,7 @@ def _fused_kernel(
 
 
 class BlockLayout(NamedTuple):
-    """Validated index structures of one block-sparse delta (see the module docstring)."""
+    """Validated index structures of one block-sparse delta (docs/kernels.md, "Block-sparse kernels")."""
 
     shape: tuple[int, int]
     block_size: int

@@ -1,87 +1,13 @@
-"""Fused masked-delta linear kernels: y = x (W + ΔW)ᵀ (+ b), its input gradient, the
-adapter gradient and the mask-update score pass (DESIGN.md sections 1, 4; issue 4).
+"""Fused masked-delta linear kernels: y = x (W + ΔW)ᵀ (+ b), its input gradient, the adapter
+gradient and the mask-update score pass, in both storage phases of an adapted layer (search:
+dense fp32 Ŵ + bool mask; fixed: compact fp32 values at int32 sorted flat indices, decoded
+through a :class:`CompactLayout` from :func:`build_compact_layout`).
 
-Two storage phases of one adapted layer (weight W ``[d_out, d_in]``, frozen):
-
-* **search phase**: dense fp32 Ŵ ``[d_out, d_in]`` and a bool mask M (or ``None`` = mask
-  ignored, the extra forward/backward of Algorithm 1);
-* **fixed phase**: compact fp32 ``values [nnz]`` at int32 sorted flat row-major
-  ``indices [nnz]``, plus a :class:`CompactLayout` built once by
-  :func:`build_compact_layout` when the mask is frozen.
-
-Launchers (drop-in twins of ``kernels/reference.py``; same arguments, same results within
-tolerance; extra keyword-only arguments are optional):
-
-* ``masked_delta_linear(x, weight, delta, mask, bias=None, *, out=None)``
-* ``masked_delta_grad_input(dy, weight, delta, mask, *, out=None)``
-* ``masked_delta_grad_delta(dy, x, mask, *, out=None)`` (dense fp32)
-* ``delta_score(dy, x, delta, score="mcs", block_size=None, *, out=None, out_dtype=fp32)``
-* ``compact_delta_linear(x, weight, values, indices, bias=None, layout=None, *, out=None)``
-* ``compact_grad_input(dy, weight, values, indices, layout=None, *, out=None)``
-* ``compact_grad_values(dy, x, indices, layout=None, *, out=None)`` (fp32 ``[nnz]``)
-* element top-k without a dense score: ``score_histogram``, ``score_select``,
-  ``threshold_from_histogram``, ``delta_score_topk`` (see "Element scores" below).
-
-Design
-------
-*GEMM tiling.* Forward and dX are ordinary tiled GEMMs (grouped program order for L2 reuse)
-whose weight operand is formed per tile in registers: ``W_eff = (W.f32 + ΔW).to(x.dtype)``
-from the W tile (its own dtype), the Ŵ tile and the mask tile (search) or from a gather
-of the compact values (fixed). W + ΔW is never written to global memory. The rounding
-is the reference's: effective weight in fp32, one cast to the activations' dtype, fp32
-accumulation; bias added in fp32 before the final cast.
-
-*Adapter gradient* (dŴ, compact d values, scores) is G = dYᵀX computed tile by tile
-over (d_out, d_in) with the token axis as the reduction (a sampled dense-dense product):
-each program owns one (BLOCK_N, BLOCK_K) tile of G in fp32 registers and its epilogue
-either masks and stores it (search phase), scatters only the kept entries into the
-compact gradient (fixed phase), or turns it into a score. Tiles with nothing kept skip
-the token loop entirely.
-
-*Compact layout* (:class:`CompactLayout`): for a frozen mask,
-``rank`` int8 ``[d_out, d_in]`` (−1 = not kept, else the element's rank among the kept
-elements of its row inside its 64-column tile) and ``offsets`` int32
-``[d_out * ceil(d_in / 64) + 1]``, the exclusive prefix count of kept elements in flat
-order at each (row, 64-column tile). The compact slot of kept element (r, c) is
-``offsets[r * n_tiles + c // 64] + rank[r, c]`` — DESIGN.md's "offset + cumsum of the
-mask along the row within the tile" with the cumsum precomputed into the byte, so the
-per-tile decode in the GEMM main loop is one int8 load, one add and a masked gather
-(the kept values of one row inside one tile are contiguous in ``values``). The layout
-costs 1 byte per weight element (a quarter of a fp32 buffer; no fp32 buffer of the
-weight's size is kept) plus 1/16 byte per element of offsets. A 1-bit mask with a
-popcount decode would cost 1/8 byte but ~10 integer ops per element per token tile in the
-main loop; that variant is not implemented: a GPU measurement should decide.
-
-*Element scores.* ``delta_score(..., block_size=None)`` returns the full per-element score
-(fp32 by default, matching the reference; ``out_dtype=torch.bfloat16/float16`` halves the
-bytes). To select the top k per element *without writing any dense score*, a three-pass
-radix select on the order-preserving int32 key of the fp32 score is provided: pass 1
-(``score_histogram``) histograms the top 16 bits of the key (65 536 int32 counters),
-pass 2 (same function with ``prefix=``) histograms the low 16 bits among the elements of
-the threshold bucket, and pass 3 (``score_select``) writes two packed bit masks
-(key > T and key == T). Each pass recomputes G (3 GEMMs instead of 1; the score pass runs
-once per ``update_interval`` steps) and writes 2 × (1/32) of the bytes of a dense fp32
-gradient plus 2 × 256 KiB — under the issue's 1/8 whatever the score distribution
-(ties included, e.g. all-zero MCS at Ŵ = 0). ``delta_score_topk`` chains them and returns
-exactly ``reference.topk_flat_indices(delta_score(...), k)`` (ties by lower flat index,
-±0 equal, NaN never selected). Histograms accumulate (``hist=``), so one global threshold
-over many layers (layer drop) is the sum of the layers' histograms. The element, histogram
-and select passes run one fixed (not autotuned) tile configuration, so they see
-bit-identical G: the exact top-k relies on it.
-
-*Interpreter.* ``TRITON_INTERPRET=1`` (tests on CPU): bf16 tiles are upcast to fp32 right
-after loading (``UPCAST``), because bf16 arithmetic is wrong there; tile sizes shrink, and
-``CONFIG_OVERRIDE`` lets the tests run every GPU config through the interpreter.
-
-*GPU status.* Written and tested without a GPU. Every GPU config compiles for sm_90 with
-triton 3.9 and 3.6 (``benchmarks/bench_masked_delta.py --compile-report``, no device needed):
-wgmma (HGMMA) in every bf16/fp16 kernel, 16-byte async copies, no register spill, shared
-memory within H100's 227 KiB. Not yet done: bf16 runs on a device, autotune pruning, timings. fp32 operands use IEEE dots (PyTorch's default), or tf32 when
-``torch.backends.cuda.matmul.allow_tf32`` is set, with their own small-tile configs.
-
-*Limits.* Flat int32 indices (d_out·d_in < 2³¹); element offsets are int64 in the kernels.
-``delta`` entries under a False mask are ignored (``where``), so a NaN there does not leak
-(the reference's ``delta * mask`` would give NaN).
+The launchers are drop-in twins of ``kernels/reference.py`` (``masked_delta_linear``,
+``masked_delta_grad_input``, ``masked_delta_grad_delta``, ``delta_score``, ``compact_*``), plus
+the element top-k without a dense score (``score_histogram``, ``score_select``,
+``threshold_from_histogram``, ``delta_score_topk``). Tiling, the compact layout's format, the
+score passes, limits and status: docs/kernels.md, section "Masked-delta kernels".
 """
 from __future__ import annotations
 
@@ -145,12 +71,12 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": group}, num_warps=warps, num_stages=stages)
 
 
-# GPU starting points, to be tuned on H100/H200. Forward: BLOCK_N = output columns, BLOCK_K =
+# Autotune candidates for H100/H200. Forward: BLOCK_N = output columns, BLOCK_K =
 # reduction (d_in). dX: BLOCK_K = output columns (d_in), BLOCK_N = reduction (d_out).
 # G = dYᵀX: BLOCK_N × BLOCK_K output tile, BLOCK_M = token reduction step.
 # All chosen to compile for sm_90 (triton 3.9, bf16, Phi-3 qkv specialisation) with no
 # register spill and at most 227 KiB of shared memory (checked without a GPU by compiling for
-# the target and reading cuobjdump -res-usage; see benchmarks/bench_masked_delta.py notes).
+# the target and reading cuobjdump -res-usage: benchmarks/bench_masked_delta.py --compile-report).
 GPU_FWD_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),
     _cfg(256, 128, 64, 8, 3),

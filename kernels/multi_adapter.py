@@ -1,72 +1,11 @@
 """Segmented multi-adapter delta kernels: every token row of a batch gets the sparse delta of
-its own adapter, added into the base output ``out = x·Wᵀ`` computed once for the batch
-(issue 7; serving side in ``sparse_engine/serving.py``).
+its own adapter, added into the base output ``out = x·Wᵀ`` computed once for the batch (the
+kernels behind ``sparse_engine.serving``, whose ``AdapterLibrary`` builds the pools and segments).
 
-Data (built by ``sparse_engine.serving.AdapterLibrary``, one pool per adapted layer):
-
-* **block pool**: ``blocks [cap, B, B]`` + ``block_cols int32 [cap]`` (the column block of each
-  stored block). Each adapter slot ``s`` owns a CSR row-pointer line
-  ``row_ptr[s, 0 : d_out/B + 1]`` (int32, *absolute* offsets into the pool): the blocks of
-  output block row ``o`` are ``pool[row_ptr[s, o] : row_ptr[s, o + 1]]``. An adapter stored in
-  sorted block-id order has each block row contiguous, so a program streams one contiguous
-  run of blocks.
-* **element pool**: ``values [cap]`` + ``cols [cap]`` (int16 when ``d_in < 2**15``, else int32)
-  and ``row_ptr[s, 0 : d_out + 1]``: the kept entries of output row ``r`` of slot ``s``.
-* **segments** (per batch, shared by every layer): ``token_order int32 [n_sel]`` lists the
-  token rows (of the flattened ``x``/``out``) that have an adapter of this format, grouped
-  by adapter; segment ``i`` is ``token_order[seg_offsets[i] : seg_offsets[i + 1]]`` and uses
-  slot ``seg_slots[i]``. Tokens not listed are left untouched (rows with no adapter = base).
-
-Launchers (the PyTorch twins of the same names are in ``kernels/reference.py``; arguments
-are trusted, only cheap checks run here — no host synchronisation on the serving path):
-
-* ``multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, block_cols, blocks)``
-* ``multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values)``
-* ``build_tiles(seg_slots, seg_offsets, n_sel, block_m)``: the tile table (device ops only).
-
-Kernel design
--------------
-*Tiles.* Each segment is cut into tiles of at most ``BLOCK_M`` tokens; a tile never
-straddles two adapters. ``build_tiles`` makes an int32 ``[n_tiles_max, 3]`` table
-(slot, first, end) with ``n_tiles_max = n_sel // BLOCK_M + n_seg`` (an upper bound known on
-the host, so no sync); unused rows are empty tiles that read nothing.
-
-*Block kernel* (the prefill and decode path of block-sparse adapters): one program per
-(tile, ``ROWS`` output block rows). It gathers its tokens' rows of ``x`` through
-``token_order`` (a per-row gather: ``x`` is never permuted in memory) and walks the tile
-adapter's CSR row, ``KG`` blocks per step: the ``KG`` B-wide input slices those blocks touch
-are gathered into one ``[BLOCK_M, KG·B]`` operand, the ``KG`` blocks stacked transposed into
-``[KG·B, B]``, one ``tl.dot`` (fp32 accumulate). The ``[BLOCK_M, B]`` result is added into
-``out`` at the tile's token rows (read-modify-write; each output element has exactly one
-owner, so no atomics). Absent blocks are never read. Each adapter's blocks are read once per
-tile of its segment: in decode (one token per row) a segment holds all rows that use the
-adapter and ``BLOCK_M`` is chosen to hold the longest segment (up to 128 rows), so an
-adapter used by many rows is still read once per step — the bytes a step must read are the
-base weight plus each *distinct* adapter once (see "Choice of BLOCK_M" for > 128 rows).
-
-*Element kernel*: one program per (tile, ``BLOCK_N`` output rows), an ELL-style loop over
-the k-th kept entry of each of the ``BLOCK_N`` rows (to the longest row of the group):
-``acc[m, n] += x[tok_m, col_{n,k}] · val_{n,k}`` on CUDA cores (no tensor-core shape fits a
-random element pattern). Entries of a row are contiguous, so consecutive k hit the same
-cache lines.
-
-*Numerics.* Like the reference: each stored value is cast to the activations' dtype before
-the product, products accumulate in fp32, and the sum is added to ``out`` (read in fp32)
-with one rounding to ``out``'s dtype. fp32 operands use IEEE dots. In the Triton interpreter
-bf16 arithmetic is wrong, so bf16 operands are upcast after loading (``UPCAST``).
-
-*Choice of BLOCK_M.* Fixed per call: the smallest of 16 / 32 / 64 / 128 that holds the
-longest segment (the library knows segment lengths on the host; a direct call without
-``block_m`` reads them back once). So in decode an adapter used by up to 128 rows of the
-batch is one tile and is read once per step; one used by more rows is read once per
-128-row tile (⌈rows/128⌉ times), more than the "each distinct adapter once" bytes the
-benchmark counts as needed. ``KG``/``ROWS``/warps/stages are autotuned on the GPU
-(``SPARSE_ENGINE_AUTOTUNE=0``: one default), and ``out`` is restored between trials. Two
-configs walk 16 or 64 block rows per program with plain (L1-cached) loads, so later rows may
-find the tile's gathered x slices in L1: an untimed alternative for long prefill segments.
-
-GPU status: written and tested in the Triton interpreter (fp32/fp16); bf16 on CUDA, the
-autotune space and the timings still need a GPU run (``benchmarks/bench_multi_adapter.py``).
+Launchers: ``multi_block_delta`` and ``multi_element_delta`` (PyTorch twins of the same names in
+``kernels/reference.py``; arguments are trusted, no host synchronisation on the serving path),
+``build_tiles`` and ``choose_block_m``. The pool, row-pointer, segment and tile-table layouts
+they read, the kernel design and the choice of BLOCK_M: docs/serving.md, section "Kernel design".
 """
 from __future__ import annotations
 
@@ -117,8 +56,8 @@ def _block_configs():
             for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
                 cfgs.append(triton.Config({"KG": kg, "ROWS": rows}, num_warps=warps, num_stages=stages))
     # many output block rows per program with plain loads (num_stages 1: no cp.async, which
-    # bypasses L1), so later rows can find the tile's gathered x slices in L1 (untimed idea,
-    # as for the DSD kernel in block_sparse.py; the autotuner decides)
+    # bypasses L1), so later rows can find the tile's gathered x slices in L1 (as for the DSD
+    # kernel in block_sparse.py; the autotuner decides)
     for rows in (16, 64):
         cfgs.append(triton.Config({"KG": 4, "ROWS": rows}, num_warps=4, num_stages=1))
     return cfgs

@@ -1,98 +1,11 @@
 """Batched top-k mask selection over many layers: sample-bracketed radix select.
 
 Public launchers (same results as their twins in ``kernels/reference.py``, bit for bit):
-
-* ``topk_per_layer(scores, ks)``: ``ks[i]`` largest entries of ``scores[i]``.
-* ``topk_global(scores, k)``: one threshold over all layers, exactly ``k`` kept overall.
-* ``topk_from_delta_grad(deltas, grads, score, ks=None, global_k=None, block_size=None)``:
-  the same selection on a score computed on the fly from Ŵ and G (``mcs`` = Ŵ⊙G signed,
-  ``snip`` = |Ŵ⊙G|, ``gm`` = |G|, ``wm`` = |Ŵ|), per element or per ``B×B`` tile.
-
-Every function returns, per layer, the int32 sorted flat indices of the kept entries (flat
-element index, flat tile score index, or flat block id ``row_block * (d_in // B) +
-col_block``); ``kept_masks(indices, shapes)`` turns them into bool masks (a zero fill and a
-scatter of the k indices: the same traffic as writing the masks from the select pass, whose
-unselected blocks would need the zero fill too). Scores may be fp32, fp16 or bf16 tensors of any shape (flattened row-major).
-
-Selection rule (shared with the reference): the k largest; at the threshold value ties go
-to the lower flat index (global mode: lower layer first); +0.0 and -0.0 are equal; NaN is
-never selected, so a layer with fewer than k non-NaN entries returns all of them (fewer than
-k); -inf can be selected; +inf comes first.
-
-Algorithm
----------
-Every float becomes an order-preserving 32-bit key (``bits ^ 0x80000000`` for positives,
-``~bits`` for negatives, -0.0 canonicalised to +0.0, NaN mapped to key 0 and excluded). fp32
-scores and the fused scores (computed in fp32 from exactly widened Ŵ, G) use the fp32 bits;
-fp16/bf16 scores use their own 16-bit key in the top half (same order and ties as comparing
-in fp32; bf16 is never used in arithmetic, so this is exact in the interpreter too), which
-halves the scratch buffers and the radix digits. Mixed-dtype lists are widened to fp32. The
-work is cut into blocks of ``block`` consecutive units per layer; all layers' blocks form
-one grid, so each pass below is a single launch over all layers (a program finds its layer
-by comparing its id with the small per-layer table of first block ids).
-
-1. *Sample* (one launch): keys of small chunks at hashed, evenly spread positions (1/128
-   of the units by default, at least ``min_sample`` per group and at least what keeps the
-   expected bracket within 80% of the candidate capacity; the whole layer when it has at
-   most ``full_sample_max`` units) are gathered into a compact buffer.
-2. *Sample radix select* (histogram + select launch per 8-bit digit: 4 digits, 2 for
-   16-bit keys; two target ranks per group): the sample keys at ranks
-   ``k·m/n ∓ (4.5 sd + 0.05% m)`` give a bracket ``[lo, hi]`` that holds the k-th largest key
-   with high probability. A fully sampled group gets ``lo == hi ==`` the exact threshold.
-3. *Bracket pass* (one launch, the one full read of the input): per block, counts of keys
-   ``> hi``, keys in ``[lo, hi]`` and valid keys; the in-bracket keys are compacted into a
-   per-group candidate buffer (a run per block, reserved with one atomic per block). With
-   32-bit keys (*single read*) it also writes one bit per unit (``key > hi``, 32 units per
-   int32 word) and each candidate's in-block position (int16).
-   Host sync 1 checks, per group, that the bracket holds the k-th key (``n_above < k <=
-   n_above + n_in``) and that the candidates fit.
-4. *Candidate radix select* (small launches over the candidate buffer): the exact threshold
-   key T and the number of ties at T still to take. A group with ``lo == hi`` needs
-   nothing more. A group whose bracket missed or whose candidates overflowed falls back
-   to an exact radix select over the full input (one read per digit) and a counting
-   pass; correctness never depends on the sample, only speed does.
-5. *Count* (one launch): per-block counts of keys ``> T`` and ``== T`` from each block's
-   candidate run; per-layer totals.
-6. *Scan* (one launch, a program per layer): per-block output offsets (exclusive scan of
-   the selected counts) and per-block tie quotas (exclusive scan of the tie counts, in
-   layer order for global mode): "the first (k - n_above) ties by flat index", exactly
-   and deterministically (atomics only ever add counts).
-7. *Write* (one launch): each block keeps ``key > T`` plus its first ``take`` ties (in-block
-   exclusive cumsum) and writes their indices at its offset. Single read (groups whose
-   threshold came from their candidates): the block's bits, with the bits of its selected
-   candidates (``> T``, or the first ``take`` ties in run order = index order) added, are
-   the selection; the input is not read again. Otherwise (16-bit keys, groups resolved
-   exactly by their sample, fallbacks) the block's keys are read a second time.
-   Host sync 2 reads the per-layer output offsets.
-
-So the common case with 32-bit keys (fp32 scores, fused Ŵ/G sources) reads the input once
-(plus the sample, ~1%, and 1/32 of a 32-bit key's bytes of bits written and read back); 16-bit
-score keys read it twice. About 20 Triton launches (13 with 16-bit keys) and a few tiny torch
-ops, with two host syncs (so it cannot be captured in a CUDA graph); no sort, no int64 array of
-the input's size. Scratch memory, relative to the input's bytes: the sample keys (about
-1/128, freed before the bracket pass), the candidate keys (``cap_frac``, 1.1%) and positions
-(0.55% for fp32 scores), the bits (1/32 of 32-bit keys: 3.1% for fp32 scores, 1.6% for fp32
-Ŵ and G), six int32 per block (0.15% at 4096 units per block) and a few words per layer and
-group: 4.9% for fp32 scores, less for the fused sources, about 1.4% for 16-bit scores, at
-Phi-3 layer sizes. Small groups cost relatively more: the cheapest sample + candidates grow
-like n^(2/3), and groups of at most ``full_sample_max`` units are sampled whole (a copy of
-their keys, all of their bytes, in exchange for an exact threshold in one pass). The returned indices are views
-of one int32 buffer.
-
-Block mode of ``topk_from_delta_grad`` first reduces Ŵ and G to one fp32 score per tile
-(one launch, the only pass over Ŵ and G; the element score array is never formed) and
-then runs the selection above on those tile scores (1/256 of the elements; groups of at
-most ``full_sample_max`` tiles are sampled whole, so the threshold is exact at once). Tile
-sums are taken in a fixed order (over the tile's columns, then its rows), so they are
-deterministic and equal ``reference.block_sum`` whenever the sums are exact; otherwise they
-can differ from torch's summation order by rounding (and a selection at the boundary with
-them). Element mode, per-layer and global, is bit-exact against the reference.
-
-Status: verified on the CPU with the Triton interpreter (triton 3.9 and 3.6); every kernel
-compiles for sm_90 with both (``benchmarks/bench_topk.py --compile-check``: no register spill,
-16-byte loads in full blocks). Not yet timed on a GPU: ``benchmarks/bench_topk.py`` measures
-it against ``torch.topk`` / ``kthvalue`` / ``sort``; the tunables of :class:`TopkConfig`
-(block size, warps, sample rate, margins, capacity) are first guesses.
+``topk_per_layer(scores, ks)``, ``topk_global(scores, k)`` (one threshold over all layers) and
+``topk_from_delta_grad(deltas, grads, score, ...)`` (the score computed on the fly from Ŵ and G,
+per element or per ``B×B`` tile). Each returns, per layer, the int32 sorted flat indices of the
+kept entries; ``kept_masks`` turns them into bool masks. The selection rule (ties, ±0, NaN), the
+32-bit keys, the passes and their scratch memory: docs/kernels.md, section "Batched top-k".
 """
 from __future__ import annotations
 

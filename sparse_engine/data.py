@@ -1,6 +1,6 @@
 """Data: FLAN-format loading, the built-in task suite, the offline tokenizer, encoding.
 
-Two sources of tasks feed the same pipeline (DESIGN.md section 6):
+Two sources of tasks feed the same pipeline:
 
 * **FLAN-format datasets** (:func:`load_flan`): rows with ``source``, ``target``,
   ``task_name`` and an optional ``split`` column, from a Hugging Face hub name (the

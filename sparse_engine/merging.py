@@ -1,53 +1,13 @@
 """Merging task experts: the paper's Eq. 4 and the standard baselines, sparse-native.
 
-An :class:`Expert` is a task-specific shift of some of a base model's parameters, keyed
-by parameter name (``"model.layers.0.self_attn.qkv_proj.weight"``). Each entry is one of
-
-* :class:`~sparse_engine.formats.SparseDelta` (element-sparse adapter: values + mask),
-* :class:`~sparse_engine.formats.BlockSparseDelta` (16×16 block-sparse adapter),
-* :class:`LowRankDelta` (LoRA: ΔW = scale · B · A, materialised one layer at a time),
-* a dense tensor (full fine-tuning task vector τ = W_ft − W, or any dense ΔW).
-
-:func:`merge_experts` merges any number of experts with one of :data:`METHODS`, one
-parameter at a time: the working memory is one dense fp32 layer plus one or two small
-count arrays (uint8 for fewer than 256 experts) plus the experts' stored entries; no
-expert is ever densified unless it is dense already. Every method's normalisation is
-written in ``docs/merging.md``; in short (N experts, w_i = λ·weights_i):
-
-* ``overlap_average`` (Eq. 4, the paper's sparse merge): ΔW_m = Σ_i ΔW_i / max(Σ_i M_i, 1)
-  with the overlap counted from the experts' MASKS (stored entries, zeros included),
-  never from non-zero values. Dense experts have a full mask, so it becomes the mean.
-* ``average``: Σ_i ΔW_i · (1/N) (uniform weight averaging, "model soup").
-* ``task_arithmetic``: Σ_i w_i ΔW_i (λ = 0.3 by default).
-* ``magnitude_prune``: task arithmetic of each expert trimmed to its top ``density``.
-* ``ties``: trim each expert to its top ``density`` by |value|, elect a sign per entry
-  ("total": sign of Σ_i trimmed_i; "frequency": sign of Σ_i sign(trimmed_i); ties → +),
-  then the mean of w_i·trimmed_i over the experts that agree with the elected sign
-  (divided by the number that agree, at least 1).
-* ``dare_linear`` / ``dare_ties``: drop each stored entry with probability ``drop_rate``
-  (seeded), rescale the survivors by 1/(1 − drop_rate), then task arithmetic / TIES's
-  sign election and disjoint mean.
-* ``breadcrumbs``: per expert and layer, drop the ``gamma`` fraction of entries with the
-  largest |value| (outliers) and the ``beta`` fraction with the smallest (small
-  perturbations), then task arithmetic with λ.
-
-Fractions (``density``, ``beta``, ``gamma``) count entries of the whole tensor
-(``basis="tensor"``, PEFT's convention: the result then equals the method applied to the
-densified expert), or of the expert's stored entries (``basis="stored"``).
-
-Where PEFT's ``peft.utils.merge_utils`` implements the same definition
-(task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties) our result equals it on
-the same tensors (tests/engine/test_merging.py); DARE draws its Bernoulli masks from one
-``torch.Generator`` seeded with ``seed``, one draw per stored entry, experts in list
-order, layers in the first expert's order — for dense experts exactly PEFT's draws after
-``torch.manual_seed(seed)``.
-
-The result (:class:`MergeResult`) is sparse — a :class:`SparseDelta` on the union of
-the experts' masks, or a :class:`BlockSparseDelta` on the union of their tiles — when
-every merged expert is sparse, and dense otherwise. :func:`save_merged` writes a sparse
-result as an ordinary adapter file (``sparse_engine.io.load_adapter`` loads it) and a
-dense one as an expert file; :func:`apply_merged` adds it to a model's weights (merged
-full weights). ``safe_merge`` (default on) refuses experts or results holding NaN/Inf.
+An :class:`Expert` maps parameter names to deltas (:class:`~sparse_engine.formats.SparseDelta`,
+:class:`~sparse_engine.formats.BlockSparseDelta`, :class:`LowRankDelta` or a dense tensor).
+:func:`merge_experts` (or :func:`iter_merged_layers`, layer by layer) merges any number of them
+with one of :data:`METHODS`, one parameter at a time and without densifying a sparse expert;
+the :class:`MergeResult` is sparse on the union of the masks when every expert is sparse, dense
+otherwise. :func:`save_merged` writes it, :func:`apply_merged` adds it to a model's weights.
+Each method's definition and normalisation, the memory bound, the PEFT equivalences and the
+checks on bad input: docs/merging.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 # TRITON_INTERPRET must be set before any @triton.jit function is defined, so this runs
-# at the very top of the test session (DESIGN.md section 3).
+# at the very top of the test session, before any test module imports the kernels.
 import os
 
 try:

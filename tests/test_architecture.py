@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel internals that benchmarks and kernel tests still read directly (the jit kernels and
-# their config lists for the compile checks, top-k's packed-metadata layout). Issue 13 item 3
-# moves them behind public names; this list may only shrink.
+# their config lists for the compile checks, top-k's packed-metadata layout), until they move
+# behind public names; this list may only shrink.
 KNOWN_PRIVATE_READS = {
     "benchmarks/bench_block_sparse.py": {"bsk._dsd_kernel", "bsk._sdd_kernel", "bsk._fused_kernel"},
     "benchmarks/bench_masked_delta.py": {"md._fwd_kernel", "md._dx_kernel", "md._gt_kernel"},

@@ -86,7 +86,7 @@ def test_train_on_flan_files_and_a_local_checkpoint(tmp_path, tiny_base_dir):
     assert results["experts"][0]["task"] == "reverse_words"
     assert (out / "adapters" / "reverse_words-sparse.safetensors").exists()
     assert "expert Rouge-L" in (out / "results.md").read_text()
-    # the trained expert served by routing (issue 7's routed evaluation), from the CLI
+    # the trained expert served by routing (the routed evaluation, eval --routed), from the CLI
     routed = tmp_path / "routed"
     code = main(["eval", "--routed", str(out / "adapters"), "--model", str(tiny_base_dir), "--held-in",
                  "reverse_words", "--n-test", "4", "--out", str(routed), "--no-progress"])

@@ -1,4 +1,4 @@
-"""AdapterLibrary and batched multi-adapter serving (sparse_engine/serving.py, issue 7).
+"""AdapterLibrary and batched multi-adapter serving (the sparse_engine.serving package).
 
 The truth for a row served by adapter A is the engine's single-adapter path: a copy of the
 base with A loaded by ``load_adapter`` (``SparseAdapterLinear``, W + ΔW merged in fp32).

@@ -1,4 +1,4 @@
-"""Block-sparse (16×16) adapter kernels vs an fp64 dense reference (issue 5).
+"""Block-sparse (16×16) adapter kernels vs an fp64 dense reference.
 
 On a machine without CUDA the kernels run in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1): fp32 and fp16 there, bf16 only on CUDA (interpreter bf16 math is wrong).
