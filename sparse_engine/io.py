@@ -79,9 +79,17 @@ def adapter_tensors(model: nn.Module) -> dict[str, SparseDelta | BlockSparseDelt
 
 def save_adapter(model: nn.Module, path, *, extra_metadata: dict | None = None) -> Path:
     """Write the attached adapter to ``path`` (a ``.safetensors`` file), atomically."""
+    return write_adapter(path, adapter_tensors(model), config=adapter_config(model).to_dict(),
+                         base_model=base_model_id(model), base_fingerprint=base_fingerprint(model),
+                         extra=extra_metadata)
+
+
+def write_adapter(path, deltas: dict[str, SparseDelta | BlockSparseDelta], *, config: dict, base_model: str | None,
+                  base_fingerprint: str | None, extra: dict | None = None) -> Path:
+    """The adapter file format, written atomically: ``deltas`` by layer name (the replaced
+    ``nn.Linear``'s qualified name) with the metadata ``load_adapter`` checks. The one writer
+    of adapter files (trained adapters, and merges of sparse experts)."""
     path = Path(path)
-    config = adapter_config(model)
-    deltas = adapter_tensors(model)
     tensors, shapes = {}, {}
     for name, delta in deltas.items():
         shapes[name] = list(delta.shape)
@@ -93,11 +101,11 @@ def save_adapter(model: nn.Module, path, *, extra_metadata: dict | None = None) 
             tensors[f"{name}.indices"] = delta.indices.contiguous().cpu()
     meta = {
         "format_version": FORMAT_VERSION,
-        "base_model": base_model_id(model),
-        "base_fingerprint": base_fingerprint(model),
-        "config": config.to_dict(),
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
+        "config": config,
         "layers": shapes,
-        "extra": extra_metadata or {},
+        "extra": extra or {},
     }
     atomic_save(tensors, {METADATA_KEY: json.dumps(meta)}, path)
     return path

@@ -658,70 +658,130 @@ def iter_merged_layers(
         w = [lam * x for x in weights]
     cdtype = _count_dtype(n)
 
+    merge_layer = _METHOD_FUNCTIONS[method]
     for pname in names:
         shape = shapes[pname]
         numel = math.prod(shape)
-        acc = torch.zeros(numel, dtype=torch.float32, device=device)
         # Σ_i M_i: Eq. 4's overlap, and the union of masks of a sparse output
         need_masks = method == "overlap_average" or output != "dense"
-        masks = torch.zeros(numel if need_masks else 0, dtype=cdtype, device=device)
-        present = [(i, e) for i, e in enumerate(experts) if pname in e.layers]
-        sparse_inputs = True
-        block_sizes = set()
-        kept: list[tuple[int, _Part]] = []
-        for i, e in present:
-            delta = e.layers[pname]
-            if isinstance(delta, BlockSparseDelta):
-                block_sizes.add(delta.block_size)
-            else:
-                block_sizes.add(None)
-            sparse_inputs &= isinstance(delta, (SparseDelta, BlockSparseDelta))
-            part = _part_of(delta, device)
-            del delta
-            if safe_merge:
-                _check_finite(part.values, f"expert {e.name!r}, layer {pname}")
-            if not need_masks:
-                pass
-            elif part.idx is None:
-                masks += 1
-            else:
-                masks.index_add_(0, part.idx, torch.ones(1, dtype=cdtype, device=device).expand(part.count))
-            if method in ("overlap_average", "average", "task_arithmetic"):
-                _accumulate(acc, part, w[i])
-                continue
-            if method in ("ties", "magnitude_prune"):
-                part = _trim_top(part, params["density"], basis)
-            elif method in ("dare_linear", "dare_ties"):
-                part = _dare(part, params["drop_rate"], params["rescale"], generator)
-            elif method == "breadcrumbs":
-                part = _breadcrumbs(part, params["beta"], params["gamma"], basis)
-            if method in ("magnitude_prune", "dare_linear", "breadcrumbs"):
-                _accumulate(acc, part, w[i])
-            else:  # ties, dare_ties: keep the trimmed parts for the sign election
-                kept.append((i, part))
-        if method == "overlap_average":
-            for c in _chunks(numel):  # Eq. 4: Σ_i ΔW_i / max(Σ_i M_i, 1)
-                acc[c].div_(masks[c].clamp(min=1))
-        elif method in ("ties", "dare_ties"):
-            acc = _disjoint_merge(acc, kept, w, params["sign"], cdtype)
-            del kept
+        ctx = _LayerContext(masks=torch.zeros(numel if need_masks else 0, dtype=cdtype, device=device),
+                            basis=basis, cdtype=cdtype, generator=generator)
+        seen = {"sparse": True, "block_sizes": set()}
+
+        def parts():
+            """Each expert's part of this layer, one at a time (checked, counted in the masks)."""
+            for i, e in enumerate(experts):
+                if pname not in e.layers:
+                    continue
+                delta = e.layers[pname]
+                seen["block_sizes"].add(delta.block_size if isinstance(delta, BlockSparseDelta) else None)
+                seen["sparse"] &= isinstance(delta, (SparseDelta, BlockSparseDelta))
+                part = _part_of(delta, device)
+                del delta
+                if safe_merge:
+                    _check_finite(part.values, f"expert {e.name!r}, layer {pname}")
+                if need_masks:
+                    if part.idx is None:
+                        ctx.masks += 1
+                    else:
+                        ctx.masks.index_add_(0, part.idx, torch.ones(1, dtype=cdtype, device=device).expand(part.count))
+                yield i, part
+
+        acc = merge_layer(torch.zeros(numel, dtype=torch.float32, device=device), parts(), w, params, ctx)
         if safe_merge:
             _check_finite(acc, f"the merged layer {pname}")
-        as_sparse = output == "sparse" or (output == "auto" and sparse_inputs)
+        as_sparse = output == "sparse" or (output == "auto" and seen["sparse"])
         if not as_sparse:
             yield pname, acc.view(shape)
             continue
         if len(shape) != 2:
             raise ValueError(f"output='sparse' needs 2-D layers; {pname} is {shape}")
-        union = masks.view(shape) > 0
-        del masks
+        union = ctx.masks.view(shape) > 0
+        ctx.masks = None  # the counts are not needed past the union
         dense = acc.view(shape)
+        block_sizes = seen["block_sizes"]
         if len(block_sizes) == 1 and None not in block_sizes:
             bs = block_sizes.pop()
             tiles = union.view(shape[0] // bs, bs, shape[1] // bs, bs).any(dim=3).any(dim=1)
             yield pname, BlockSparseDelta.from_dense(dense, tiles, bs)
         else:
             yield pname, SparseDelta.from_dense(dense, union)
+
+
+# ------------------------------------------------------------ one function per method
+# Each takes the layer's zeroed fp32 accumulator, the experts' parts (streamed: one alive at a
+# time, except where a method must keep them), the per-expert weights, the resolved
+# hyper-parameters and the layer's context; it returns the merged layer (flat).
+
+
+@dataclass
+class _LayerContext:
+    masks: torch.Tensor  # Σ_i M_i so far (int), filled while the parts stream
+    basis: str
+    cdtype: torch.dtype
+    generator: torch.Generator | None
+
+
+def _merge_weighted_sum(acc, parts, w, params, ctx):
+    """average (w = 1/n), task arithmetic (w = λ·weight): Σ_i w_i·ΔW_i."""
+    for i, part in parts:
+        _accumulate(acc, part, w[i])
+    return acc
+
+
+def _merge_overlap_average(acc, parts, w, params, ctx):
+    """Eq. 4: Σ_i ΔW_i / max(Σ_i M_i, 1), each entry averaged over the experts that hold it."""
+    for _, part in parts:
+        _accumulate(acc, part, 1.0)
+    for c in _chunks(acc.numel()):
+        acc[c].div_(ctx.masks[c].clamp(min=1))
+    return acc
+
+
+def _merge_magnitude_prune(acc, parts, w, params, ctx):
+    """Each expert trimmed to its largest |values| (density), then summed with its weight."""
+    for i, part in parts:
+        _accumulate(acc, _trim_top(part, params["density"], ctx.basis), w[i])
+    return acc
+
+
+def _merge_ties(acc, parts, w, params, ctx):
+    """TIES: trim, elect a sign per entry, average the experts that agree with it."""
+    kept = [(i, _trim_top(part, params["density"], ctx.basis)) for i, part in parts]
+    return _disjoint_merge(acc, kept, w, params["sign"], ctx.cdtype)
+
+
+def _merge_dare_linear(acc, parts, w, params, ctx):
+    """DARE: drop entries at random (rate p), rescale the rest by 1/(1-p), sum with weights."""
+    for i, part in parts:
+        _accumulate(acc, _dare(part, params["drop_rate"], params["rescale"], ctx.generator), w[i])
+    return acc
+
+
+def _merge_dare_ties(acc, parts, w, params, ctx):
+    """DARE's random drop, then TIES's sign election and disjoint mean."""
+    kept = [(i, _dare(part, params["drop_rate"], params["rescale"], ctx.generator)) for i, part in parts]
+    return _disjoint_merge(acc, kept, w, params["sign"], ctx.cdtype)
+
+
+def _merge_breadcrumbs(acc, parts, w, params, ctx):
+    """Breadcrumbs: drop the smallest (β) and the largest (γ) |values| of each expert, then sum."""
+    for i, part in parts:
+        _accumulate(acc, _breadcrumbs(part, params["beta"], params["gamma"], ctx.basis), w[i])
+    return acc
+
+
+_METHOD_FUNCTIONS = {
+    "overlap_average": _merge_overlap_average,
+    "average": _merge_weighted_sum,
+    "task_arithmetic": _merge_weighted_sum,
+    "ties": _merge_ties,
+    "dare_linear": _merge_dare_linear,
+    "dare_ties": _merge_dare_ties,
+    "breadcrumbs": _merge_breadcrumbs,
+    "magnitude_prune": _merge_magnitude_prune,
+}
+assert set(_METHOD_FUNCTIONS) == set(METHODS)
 
 
 def _accumulate(acc: torch.Tensor, part: _Part, weight: float) -> None:
@@ -827,23 +887,11 @@ def save_merged(result: MergeResult, path) -> Path:
     path = Path(path)
     extra = {"merge": {"method": result.method, "params": result.params, "experts": result.experts}}
     if result.is_sparse and result.config is not None:
-        from sparse_engine.io import FORMAT_VERSION, METADATA_KEY
+        from sparse_engine.io import write_adapter
 
-        tensors, shapes = {}, {}
-        for pname, delta in result.layers.items():
-            layer = pname[: -len(".weight")]
-            shapes[layer] = list(delta.shape)
-            if isinstance(delta, BlockSparseDelta):
-                tensors[f"{layer}.blocks"] = delta.blocks.detach().float().contiguous().cpu()
-                tensors[f"{layer}.block_indices"] = delta.block_indices.contiguous().cpu()
-            else:
-                tensors[f"{layer}.values"] = delta.values.detach().float().contiguous().cpu()
-                tensors[f"{layer}.indices"] = delta.indices.contiguous().cpu()
-        meta = {"format_version": FORMAT_VERSION, "base_model": result.base_model,
-                "base_fingerprint": result.base_fingerprint, "config": result.config, "layers": shapes,
-                "extra": extra}
-        atomic_save(tensors, {METADATA_KEY: json.dumps(meta)}, path)
-        return path
+        deltas = {pname[: -len(".weight")]: delta for pname, delta in result.layers.items()}
+        return write_adapter(path, deltas, config=result.config, base_model=result.base_model,
+                             base_fingerprint=result.base_fingerprint, extra=extra)
     return save_expert(result.as_expert(path.stem), path, extra=extra)
 
 
