@@ -1,44 +1,16 @@
-"""Benchmark of sparse-native merging (sparse_engine/merging.py, Eq. 4), issue 3.
+"""Benchmark of sparse-native merging (Eq. 4) against densify-and-stack: time and peak memory.
 
-Workload: N element-sparse experts (default 20) over L Phi-3-mini qkv layers (default 32
-layers of 9216×3072), keep ratio 0.1, random masks (each entry kept with probability kr)
-and random N(0, 1) values, fp32 values + int32 sorted indices. At full size that is
-20 × 32 × 2.83M entries × 8 bytes ≈ 14.5 GB of expert data.
-
-Compared in the same run, on the same experts, producing the same output (the merged
-dense ΔW of each layer, which is what is added to W; each layer is dropped after a
-checksum, so no method keeps more than one layer's output):
-
-* ``ours``: ``iter_merged_layers(..., "overlap_average", output="dense")`` — one fp32
-  accumulator plus a uint8 overlap count per layer, ``index_add_`` of each expert's stored
-  entries, divide; no expert is densified (safe_merge on: every expert is checked for NaN).
-* ``ours-sparse``: the same, returning the merge as a ``SparseDelta`` on the union of the
-  masks (what ``merge_experts`` gives for sparse experts; the union of 20 random 10% masks
-  covers ~88% of the weight, so this output is larger than the dense one).
-* ``densify-stack``: what the authors' code does — densify every expert's ΔW_i and mask M_i,
-  ``torch.stack`` them, and divide ``Σ ΔW_i`` by ``max(Σ M_i, 1)`` (per layer; holding all
-  layers at once, as a state-dict merge does, would need N × L dense layers).
-
-Reported per method: wall time of the whole merge (median of ``--repeats``) and peak
-extra memory during it (CUDA: ``max_memory_allocated`` minus what was allocated before;
-CPU: the process's peak RSS, reset through ``/proc/self/clear_refs`` before the merge, minus
-the RSS before it), the ratios against the reference, and the issue's goals (≥ 5× faster,
-≤ 1/5 of the reference's peak memory). The first layer of ``ours`` is checked against the
-reference element by element and the checksums of all layers are compared.
-
-Rows are appended as JSON lines to ``benchmarks/results/merge.jsonl`` with the device, the
-sizes and the provenance (commit, versions, date). A CPU row is a real measurement of the
-CPU path (``device`` says ``cpu``), not a GPU figure. The full size needs about 21 GiB of
-free memory on the CPU (13.5 GiB of experts plus the reference's 7.2 GiB working set; it ran
-on a 23 GiB machine in about 8 minutes); use ``--layers`` / ``--experts`` to scale it down on
-smaller machines.
+N random element-sparse experts over L Phi-3-mini qkv layers (default 20 × 32, keep 0.1),
+merged by ``sparse_engine.merging`` (dense and sparse-union output) and by the reference that
+densifies and stacks every expert, on the same experts with the same output. Rows go to
+``benchmarks/results/merge.jsonl`` (a CPU row is a real CPU measurement). The methods, how
+memory is measured, the goals, the memory the full size needs and the measured results:
+docs/merging.md, section "Benchmark".
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -73,46 +45,6 @@ def _cuda() -> bool:
 
         return torch.cuda.is_available()
     except ImportError:
-        return False
-
-
-# ------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator stats, or the process RSS on the CPU."""
-
-    def __init__(self, device):
-        self.device = device
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{key} not in /proc/self/status")
-
-    def __enter__(self):
-        import torch
-
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
-                f.write("5")
-            self.before = self._status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.before
-        else:
-            self.peak = self._status("VmHWM") - self.before
         return False
 
 
@@ -173,40 +105,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
-
-
-def _reexec_with_fixed_mmap_threshold() -> None:
-    """CPU peak RSS is only meaningful if freed tensors leave the process: glibc raises its
-    mmap threshold dynamically (up to 32 MB) and then serves big tensors from the heap, whose
-    freed pages stay resident and get reused unseen. A fixed threshold (set before start)
-    keeps every tensor above 128 KiB in its own mapping, returned to the OS when freed."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
-    if args.device == "cpu" and argv is None:
-        _reexec_with_fixed_mmap_threshold()
-    import torch
+    from common import PeakMemory, append_rows, device_name, git_commit, reexec_with_fixed_mmap_threshold
 
-    from common import append_rows, git_commit
+    if args.device == "cpu" and argv is None:
+        reexec_with_fixed_mmap_threshold(__file__)
+    import torch
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -222,7 +127,7 @@ def main(argv=None) -> int:
     data_bytes = nnz * 8
     print(f"{args.experts} experts x {args.layers} layers of {shape[0]}x{shape[1]}, kr {args.keep_ratio}: "
           f"{nnz / 1e6:.1f}M stored entries, {data_bytes / 2**30:.2f} GiB of expert data "
-          f"(made in {time.perf_counter() - t0:.1f} s) on {_device_name(device)}")
+          f"(made in {time.perf_counter() - t0:.1f} s) on {device_name(device)}")
 
     # correctness first: layer 0, ours vs the reference, element by element
     from sparse_engine.merging import iter_merged_layers
@@ -263,7 +168,7 @@ def main(argv=None) -> int:
     head, dirty = git_commit()
     import datetime
 
-    meta = {"bench": "merge", "device": _device_name(device), "device_type": device.type, "torch": torch.__version__,
+    meta = {"bench": "merge", "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
             "commit": head, "dirty": dirty,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "experts": args.experts, "layers": args.layers, "shape": list(shape), "keep_ratio": args.keep_ratio,

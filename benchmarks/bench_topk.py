@@ -1,4 +1,4 @@
-"""Benchmark of the batched top-k mask selection (kernels/topk_mask.py), issue 6.
+"""Benchmark of the batched top-k mask selection (kernels/topk_mask.py).
 
 Shapes: 32 Phi-3-mini qkv layers (d_out 9216, d_in 3072: 906M scores), keep ratios
 0.01 / 0.1 / 0.5, per-layer and global (layer drop) selection, fp32 and bf16 inputs, and four
@@ -33,7 +33,9 @@ of the score); the block sources reduce to 1/256 as many tile keys after the fir
 Each configuration's result is checked against ``kernels/reference.py`` (index for index)
 before it is timed. Rows are appended as JSON lines to ``benchmarks/results/topk.jsonl``.
 Without CUDA nothing is measured or recorded; ``--smoke`` runs a small correctness check
-(on the CPU through the Triton interpreter) and writes nothing.
+(on the CPU through the Triton interpreter) and writes nothing. ``--cpu-reference`` times the
+CPU path instead (``reference.topk_flat_indices``, what mask updates use without a GPU) on
+one layer against ``torch.topk`` and ``torch.kthvalue``; it prints and records nothing.
 """
 from __future__ import annotations
 
@@ -68,6 +70,10 @@ def _parse(argv=None):
     p.add_argument("--out", default=RESULTS, help="JSON-lines file to append to")
     p.add_argument("--smoke", action="store_true",
                    help="small correctness run (CPU: Triton interpreter); measures and records nothing")
+    p.add_argument("--cpu-reference", action="store_true",
+                   help="time the CPU reference top-k on one d_out x d_in layer against torch.topk / kthvalue "
+                        "(min of --cpu-repeats, methods interleaved); prints, records nothing")
+    p.add_argument("--cpu-repeats", type=int, default=5)
     p.add_argument("--compile-check", action="store_true",
                    help="compile every kernel of the selection for sm_90 with the installed Triton (no GPU needed); "
                         "print resources; records nothing")
@@ -94,7 +100,7 @@ def run_compile_check(layers: int) -> int:
 
     os.environ.pop("TRITON_INTERPRET", None)
     tk, _ = _import_kernels()
-    if sys.modules[tk.__package__ + "._triton"].INTERPRET:
+    if sys.modules[tk.__package__ + ".runtime"].INTERPRET:
         print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
         return 1
     cfg = tk.DEFAULT_CONFIG
@@ -261,11 +267,58 @@ def _smoke(tk, ref, torch):
     return 0 if ok else 1
 
 
+def run_cpu_reference(torch, args) -> int:
+    """The CPU reference selection against plain PyTorch on one layer of G-like scores."""
+    import time
+
+    ref = _reference_only()  # no Triton kernels needed
+    print(f"CPU reference top-k, {args.d_out}x{args.d_in} scores, {torch.get_num_threads()} threads, "
+          f"min of {args.cpu_repeats} (methods interleaved)")
+    print(f"{'dt':4s} {'keep':>5s} {'reference ms':>13s} {'topk ms':>9s} {'kthvalue ms':>12s} {'exact':>5s}")
+    for dt_name in args.dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt_name]
+        deltas, grads = _make_inputs(torch, 1, args.d_out, args.d_in, torch.float32, "cpu")
+        x = (deltas[0] * grads[0]).to(dtype).reshape(-1)
+        del deltas, grads
+        for ratio in args.ratios:
+            k = int(ratio * x.numel())
+            fns = {"reference": lambda: ref.topk_flat_indices(x, k), "topk": lambda: _select(torch, "topk", x, k),
+                   "kthvalue": lambda: _select(torch, "kthvalue", x, k)}
+            best = dict.fromkeys(fns, float("inf"))
+            for _ in range(args.cpu_repeats):
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - start)
+            # exact: k indices, nothing left out above the k-th value, nothing kept below it
+            got = ref.topk_flat_indices(x, k).long()
+            kth = torch.kthvalue(x.float(), x.numel() - k + 1).values.to(dtype)
+            kept = x[got]
+            exact = got.numel() == k and bool((kept >= kth).all()) and int((kept > kth).count_nonzero()) == int(
+                (x > kth).count_nonzero())
+            print(f"{dt_name:4s} {ratio:5.2f} {1e3 * best['reference']:13.1f} {1e3 * best['topk']:9.1f} "
+                  f"{1e3 * best['kthvalue']:12.1f} {str(exact):>5s}", flush=True)
+    print("nothing recorded (CPU reference timing)")
+    return 0
+
+
+def _reference_only():
+    try:
+        from sparse_engine.kernels import reference as ref
+    except ImportError:
+        sys.path.insert(0, ROOT)
+        from kernels import reference as ref
+    return ref
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     if args.compile_check:
         return run_compile_check(args.layers)
     import torch
+
+    if args.cpu_reference:
+        return run_cpu_reference(torch, args)
 
     if not torch.cuda.is_available():
         if not args.smoke:

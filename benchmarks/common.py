@@ -1,14 +1,19 @@
 """What every benchmark records next to its numbers, and how rows are appended.
 
-Every row carries the same provenance fields: bench name, device, torch / triton / CUDA
-versions, git commit (with a dirty flag) and UTC date. Only real GPU runs are recorded.
+Every row carries the same provenance fields: bench name, device (and its type), torch /
+triton / CUDA versions, git commit (with a dirty flag) and UTC date. Kernel benchmarks record
+GPU runs only; a benchmark of the CPU path (merge, training) says ``device_type: cpu`` and
+names the CPU. ``PeakMemory`` measures a block's peak extra memory on either device.
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
+import platform
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
@@ -33,23 +38,113 @@ def git_commit() -> tuple[str, bool]:
         return "uncommitted", True
 
 
-def run_metadata(bench: str, **extra) -> dict:
-    """Provenance of a benchmark run on the current CUDA device."""
+def device_name(device="cuda") -> str:
+    """The CUDA device's name, or ``cpu (<model name>, <n> threads)`` for the CPU."""
     import torch
-    import triton
 
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:  # not Linux: keep platform's answer
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def run_metadata(bench: str, device="cuda", **extra) -> dict:
+    """Provenance of a benchmark run on ``device`` (default: the current CUDA device).
+
+    On the CPU ``triton`` is its version if installed (else None) and ``cuda`` is the CUDA
+    version torch was built with (None for the CPU build).
+    """
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.device(device)
     head, dirty = git_commit()
     return dict(
         bench=bench,
-        device=torch.cuda.get_device_name(),
+        device=device_name(device),
+        device_type=device.type,
         torch=torch.__version__,
-        triton=triton.__version__,
+        triton=triton_version,
         cuda=torch.version.cuda,
         commit=head,
         dirty=dirty,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     )
+
+
+class PeakMemory:
+    """Peak extra memory of a block (``.peak``, bytes): CUDA allocator stats (max allocated
+    minus allocated before), or on the CPU the process's peak RSS (reset through
+    ``/proc/self/clear_refs``) minus the RSS before; ``.peak`` is None where neither works.
+    On the CPU call ``reexec_with_fixed_mmap_threshold`` first, or freed memory is not seen."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.peak = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} not in /proc/self/status")
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        self.before = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
+                    f.write("5")
+                self.before = self._status("VmRSS")
+            except (OSError, RuntimeError):  # not Linux, or not allowed: no CPU figure
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.before
+        elif self.before is not None:
+            self.peak = max(0, self._status("VmHWM") - self.before)  # RSS can fall between reset and read
+        return False
+
+
+def reexec_with_fixed_mmap_threshold(script: str) -> None:
+    """CPU peak RSS is only meaningful if freed tensors leave the process: glibc raises its
+    mmap threshold dynamically (up to 32 MB) and then serves big tensors from the heap, whose
+    freed pages stay resident and get reused unseen. A fixed threshold (set before start)
+    keeps every tensor above 128 KiB in its own mapping, returned to the OS when freed.
+    Re-executes ``script`` with the same arguments (once; a no-op where already set)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]], env)
 
 
 def append_rows(path: str, rows: list[dict], *, quiet: bool = False) -> None:

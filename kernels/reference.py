@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-SCORES = ("mcs", "snip", "gm", "wm")
+from .runtime import SCORES
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -227,30 +227,98 @@ def block_delta_grad_input(dy, blocks, block_indices, d_in: int, out=None):
 # ------------------------------------------------------------------------------ top-k
 
 
+BRACKET_MIN_NUMEL = 1 << 18
+"""Inputs with at least this many entries take the bracketed CPU path of
+:func:`topk_flat_indices` (below it a full ``torch.topk`` is cheap enough)."""
+_BRACKET_SAMPLE = 1 << 15  # sampled entries: the bracket spans about ±5 standard deviations of a rank estimate
+_BRACKET_SEED = 0x5EED  # a private generator: the path taken is reproducible and the global RNG untouched
+
+
 def topk_flat_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """int32 sorted flat indices of the ``k`` largest entries of ``scores``.
 
     Ties at the threshold are broken by the lower flat index; +0.0 and -0.0 are equal.
     NaN is never selected: when fewer than ``k`` entries are not NaN, all of those are
     returned (fewer than ``k``).
+
+    Large CPU inputs avoid a full ``torch.topk``: a sample brackets the threshold, the
+    entries above the bracket's lower end are compacted once, and the exact k-th value is
+    found among them (same result; see ``_bracketed_candidates``).
     """
     flat = scores.reshape(-1)
     n = flat.numel()
     if k < 0 or k > n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
-    valid = ~torch.isnan(flat)
-    n_valid = int(valid.sum())
-    if k >= n_valid:
-        return valid.nonzero().flatten().to(torch.int32)
     if k == 0:
         return torch.zeros(0, dtype=torch.int32, device=flat.device)
+    if flat.device.type == "cpu" and n >= BRACKET_MIN_NUMEL and flat.is_floating_point():
+        found = _bracketed_candidates(flat, k)
+        if found is not None:
+            return _take_top(*found, k)
+    valid = ~torch.isnan(flat)
+    if k >= int(valid.count_nonzero()):
+        return valid.nonzero().flatten().to(torch.int32)
     clean = torch.where(valid, flat, torch.full_like(flat, float("-inf")))
     threshold = torch.topk(clean, k, sorted=False).values.min()
-    above = (clean > threshold) & valid
-    n_above = int(above.sum())
-    at = ((clean == threshold) & valid).nonzero().flatten()[: k - n_above]
-    picked = torch.cat([above.nonzero().flatten(), at])
-    return torch.sort(picked).values.to(torch.int32)
+    return _take_top(None, flat, threshold, k)
+
+
+def _take_top(index, values, threshold, k: int) -> torch.Tensor:
+    """int32 flat indices of the first ``k`` entries of ``values`` by value (descending), then
+    index (ascending): all those above the k-th largest value ``threshold``, then the
+    lowest-index ties. ``index`` holds the sorted flat indices of ``values`` (None: their own
+    positions). NaN compares false, so it is never kept."""
+    keep = values >= threshold
+    if int(keep.count_nonzero()) > k:  # more ties than places: the lowest indices win
+        keep = values > threshold
+        ties = (values == threshold).nonzero().flatten()
+        keep[ties[: k - int(keep.count_nonzero())]] = True
+    if index is None:
+        return keep.nonzero().flatten().to(torch.int32)
+    return index.index_select(0, keep.nonzero().flatten())  # nonzero + gather: faster than masked_select on the CPU
+
+
+def _bracketed_candidates(flat: torch.Tensor, k: int):
+    """(flat indices, values, exact k-th largest value) of the entries >= a lower bound taken
+    from a sample, or None when the bound fails (fewer than k entries above it: an unlucky
+    sample, or fewer than k non-NaN entries), which sends the caller to the full path.
+
+    Exact by construction: with at least k entries >= lo, everything below lo ranks after
+    the k-th, so the k-th largest of the candidates is the k-th largest of ``flat``. An
+    upper bound hi from the same sample narrows the final ``kthvalue`` to the entries in
+    [lo, hi] when fewer than k lie above hi. One compare, one count and one compaction of
+    the whole input; the rest works on ~k candidates.
+    """
+    n = flat.numel()
+    stride = n // _BRACKET_SAMPLE
+    g = torch.Generator().manual_seed(_BRACKET_SEED)
+    # one random entry per stride: covers every part of the tensor (rows and columns alike)
+    pos = torch.arange(_BRACKET_SAMPLE) * stride + torch.randint(stride, (_BRACKET_SAMPLE,), generator=g)
+    sample = flat[pos]
+    sample = torch.sort(sample[~torch.isnan(sample)], descending=True).values
+    # about k·s/n sampled entries are >= the k-th largest value; bracket it by ±margin ranks
+    p = k / n
+    rank = p * _BRACKET_SAMPLE
+    margin = 5.0 * math.sqrt(_BRACKET_SAMPLE * p * (1.0 - p)) + 4.0
+    lo_rank = math.ceil(rank + margin)
+    if lo_rank >= sample.numel():
+        return None  # no lower bound inside the sample: the candidates would be the whole input
+    lo = sample[lo_rank]
+    above_lo = flat >= lo
+    if int(above_lo.count_nonzero()) < k:
+        return None
+    index = above_lo.nonzero().flatten().to(torch.int32)
+    values = flat.index_select(0, index)
+    hi_rank = math.floor(rank - margin)
+    if hi_rank >= 0:
+        hi = sample[hi_rank]
+        n_over = int((values > hi).count_nonzero())
+        if n_over < k:
+            middle = values.index_select(0, (values <= hi).nonzero().flatten())
+            threshold = torch.kthvalue(middle, middle.numel() - (k - n_over) + 1).values
+            return index, values, threshold
+    threshold = torch.kthvalue(values, values.numel() - k + 1).values
+    return index, values, threshold
 
 
 def kept_masks(indices: list[torch.Tensor], shapes) -> list[torch.Tensor]:
@@ -289,7 +357,7 @@ def topk_global(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------ top-k from Ŵ and G (twin of topk_mask.py)
-# Section owned by kernels/topk_mask.py (issue 6): the reference of its fused launcher.
+# The reference of kernels/topk_mask.py's fused launcher.
 
 
 def delta_grad_score(delta, grad, score: str = "mcs", block_size: int | None = None) -> torch.Tensor:
@@ -326,7 +394,7 @@ def topk_from_delta_grad(deltas, grads, score: str = "mcs", ks=None, global_k=No
     return topk_per_layer(scores, ks) if ks is not None else topk_global(scores, global_k)
 
 
-# ------------------------------------------- masked_delta.py additions (issue 4 section)
+# ------------------------------------------- masked_delta.py: the score-pass top-k
 
 
 def delta_score_topk(dy, x, delta, k: int, score: str = "mcs") -> torch.Tensor:
@@ -335,7 +403,7 @@ def delta_score_topk(dy, x, delta, k: int, score: str = "mcs") -> torch.Tensor:
     return topk_flat_indices(delta_score(dy, x, delta, score), k)
 
 
-# ------------------------------------------- multi-adapter serving (owner: kernels/multi_adapter.py, issue 7)
+# ------------------------------------------- multi-adapter serving (twins of kernels/multi_adapter.py)
 # Twins of the segmented multi-adapter launchers: per segment, densify the slot's delta
 # from the pool and add x·ΔWᵀ (ΔW cast to x's dtype) into ``out`` at the segment's tokens.
 

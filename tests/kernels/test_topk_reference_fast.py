@@ -57,7 +57,8 @@ def make(kind: str, shape, dtype, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     n = math.prod(shape)
     if kind == "random":  # G-like: per-row and per-column scales, signed
-        x = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * torch.rand(1, shape[1], generator=g)
+        rows, cols = torch.rand(shape[0], 1, generator=g), torch.rand(1, shape[1], generator=g)
+        x = torch.randn(shape, generator=g) * rows * cols
     elif kind == "ties":  # seven values only: thresholds fall inside long runs of ties
         x = torch.randint(-3, 4, shape, generator=g).float()
     elif kind == "negative":  # every score below zero
