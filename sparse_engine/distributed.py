@@ -116,12 +116,22 @@ def check_same_on_all_ranks(what: str, value, group) -> None:
     """Raise on every rank when ``value`` (a small picklable object) differs between ranks."""
     values = [None] * world_size(group)
     dist.all_gather_object(values, value, group=group)
-    different = [r for r, v in enumerate(values) if v != values[0]]
-    if different:
-        raise ValueError(
-            f"{what} differs between ranks: rank 0 has {values[0]!r}, rank {different[0]} has "
-            f"{values[different[0]]!r}; every rank must start with the same settings and files"
-        )
+    diff = first_difference(values)
+    if diff is not None:
+        raise ValueError(f"{what} differs between ranks ({diff}); every rank must start with the same settings "
+                         "and files")
+
+
+def first_difference(values: list) -> str | None:
+    """How the first rank whose value differs from rank 0's differs (dicts key by key), or None."""
+    for r, other in enumerate(values):
+        if other == values[0]:
+            continue
+        if isinstance(other, dict) and isinstance(values[0], dict):
+            keys = [k for k in dict.fromkeys([*values[0], *other]) if values[0].get(k) != other.get(k)]
+            return ", ".join(f"{k}: {values[0].get(k)!r} on rank 0, {other.get(k)!r} on rank {r}" for k in keys)
+        return f"{values[0]!r} on rank 0, {other!r} on rank {r}"
+    return None
 
 
 def collective_device(group) -> torch.device:

@@ -113,15 +113,10 @@ class Ranks:
         """Raise on every rank when ``value`` (small, picklable; a dict is compared key by key)
         differs between ranks: ranks started with different settings or files would train
         experts that do not belong in one result."""
-        values = self.gather(lambda: value)
-        for r, other in enumerate(values):
-            if other == values[0]:
-                continue
-            if isinstance(other, dict) and isinstance(values[0], dict):
-                keys = [k for k in dict.fromkeys([*values[0], *other]) if values[0].get(k) != other.get(k)]
-                diff = ", ".join(f"{k}: {values[0].get(k)!r} on rank 0, {other.get(k)!r} on rank {r}" for k in keys)
-            else:
-                diff = f"{values[0]!r} on rank 0, {other!r} on rank {r}"
+        from sparse_engine.distributed import first_difference
+
+        diff = first_difference(self.gather(lambda: value))
+        if diff is not None:
             raise ValueError(f"{what} differs between ranks ({diff}); start every rank with the same command "
                              "line and the same files")
 

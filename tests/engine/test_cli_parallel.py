@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,8 +225,9 @@ def test_reproduce_splits_the_missing_experts_across_ranks(tmp_path, tiny_base_c
         "reverse_words-sparse": [0], "colour_to_fruit-sparse": [1], "add_one-sparse": [0]}
     assert all((index_path.parent / v["file"]).exists() for v in experts.values())
     # rank 0 alone ran the analysis and wrote its outputs
-    reports = sorted((json.loads(ln)["rank"], json.loads(ln)["analyses"])
-                     for ln in proc.stdout.splitlines() if ln.startswith("{"))
+    # the ranks share one stdout, so their lines may run together: find each report by its shape
+    found = re.findall(r'\{"rank": \d+, "analyses": \[[^\]]*\]\}', proc.stdout)
+    reports = sorted((json.loads(text)["rank"], json.loads(text)["analyses"]) for text in found)
     assert reports == [(0, ["fig5"]), (1, [])]
     assert (out / "fig5.json").exists() and (out / "fig5.md").exists()
 
