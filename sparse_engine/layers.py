@@ -31,7 +31,28 @@ from sparse_engine.kernels import reference as ref
 SEARCH, FIXED = "search", "fixed"
 
 
-class SparseAdapterLinear(nn.Module):
+class LinearWrapper(nn.Module):
+    """A module standing in for the ``nn.Linear`` it holds as ``.base``: code that reads a
+    linear's ``weight``, ``bias`` or feature sizes still finds them."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
+class SparseAdapterLinear(LinearWrapper):
     """y = x (W + ΔW)ᵀ + b with a trainable sparse ΔW; W and b frozen and never modified."""
 
     def __init__(self, base: nn.Linear, config: SparseAdapterConfig, name: str = ""):
@@ -64,22 +85,6 @@ class SparseAdapterLinear(nn.Module):
         self._kernel_aux = None  # (source tensor, its version, Triton index layout): see _kernel_layout
 
     # ------------------------------------------------------------------ properties
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)

@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_engine.layers import LinearWrapper
+
 if TYPE_CHECKING:
     from sparse_engine.serving.library import AdapterLibrary
 
 
-class MultiAdapterLinear(nn.Module):
+class MultiAdapterLinear(LinearWrapper):
     """Drop-in for a target ``nn.Linear``: ``y = x·Wᵀ + b`` once for the batch, then each
     row's sparse delta from the library (rows with no adapter keep the base output)."""
 
@@ -20,22 +22,6 @@ class MultiAdapterLinear(nn.Module):
         self.base = base
         self.name = name
         self.library = library  # a plain attribute: the library is not a submodule
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layer={self.name!r}"
