@@ -13,8 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["sparse_engine", "sparse_engine.data", "sparse_engine.serving", "sparse_engine.experiments",
-              "sparse_engine.kernels"],
+    packages=["sparse_engine", "sparse_engine.data", "sparse_engine.serving", "sparse_engine.merging",
+              "sparse_engine.experiments", "sparse_engine.kernels"],
     package_dir={"sparse_engine": "sparse_engine", "sparse_engine.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
