@@ -2,7 +2,9 @@
 
 * :func:`generate` runs greedy decoding on prompts built by
   :func:`sparse_engine.data.encode_prompt` (``[bos] "<source> ="``, left-truncated),
-  left-padded in batches, and returns the decoded continuations.
+  left-padded in batches, and returns the decoded continuations. Prompt plus new tokens
+  never run past the model's positions (``max_position_embeddings``): both are clipped,
+  with a :class:`LengthClippedWarning` naming the new lengths.
 * :func:`rouge_l` is Rouge-L F-measure x 100 from ``rouge-score`` with the Porter
   stemmer on, max over the references of an example, mean over examples.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,11 +21,14 @@ from typing import Mapping, Sequence
 import torch
 
 from sparse_engine._files import atomic_write
-from sparse_engine.data import Example, TaskData, encode_prompt
+from sparse_engine.data import Example, TaskData, encode_prompt, warn_unknown_tokens
 
 __all__ = [
     "rouge_l",
     "generate",
+    "LengthClippedWarning",
+    "model_positions",
+    "fit_to_positions",
     "evaluate_tasks",
     "mean_score",
     "write_results_json",
@@ -77,6 +83,29 @@ def _config_stop_tokens(model) -> list[int]:
     return [int(t) for t in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
+class LengthClippedWarning(UserWarning):
+    """Prompts or generation length were cut to fit the model's positions."""
+
+
+def model_positions(model) -> int | None:
+    """The model's ``max_position_embeddings`` (None when its config has none)."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def fit_to_positions(positions: int | None, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens) so that their sum fits ``positions``.
+
+    Unchanged when it already fits; otherwise the new tokens keep what the longest prompt
+    leaves, but at least half the positions, and the prompts keep the rest (cut on the left)."""
+    if positions is None or longest_prompt + max_new_tokens <= positions:
+        return longest_prompt, max_new_tokens
+    if positions < 2:
+        raise ValueError(f"the model has {positions} position(s): no room for a prompt and an answer")
+    new = min(max_new_tokens, max(positions - longest_prompt, positions // 2))
+    return positions - new, new
+
+
 def generate(
     model,
     tokenizer,
@@ -93,6 +122,9 @@ def generate(
     length (longest first) into batches of ``batch_size``, LEFT-padded with the pad token
     (eos when the tokenizer has none) and a zero attention mask. Decoding stops at eos;
     the text returned is the continuation only, special tokens skipped, stripped.
+    When the longest prompt plus ``max_new_tokens`` exceeds the model's positions, both are
+    clipped by :func:`fit_to_positions` with a :class:`LengthClippedWarning`; prompts the
+    tokenizer cannot read warn with :class:`~sparse_engine.data.UnknownTokenWarning`.
     The model runs in eval mode under ``torch.no_grad()``; its training flag is restored.
     """
     if isinstance(sources, str):
@@ -113,6 +145,17 @@ def generate(
     stops = [eos] + [t for t in _config_stop_tokens(model) if t != eos]
 
     prompts = [encode_prompt(tokenizer, s, max_length)["input_ids"] for s in sources]
+    warn_unknown_tokens(tokenizer, prompts, f"the {len(prompts)} prompt(s) given to generate")
+    positions = model_positions(model)
+    longest = max(len(p) for p in prompts)
+    keep, new_tokens = fit_to_positions(positions, longest, int(max_new_tokens))
+    if (keep, new_tokens) != (longest, max_new_tokens):
+        warnings.warn(
+            f"generate: prompts of up to {longest} tokens plus max_new_tokens={max_new_tokens} exceed the model's "
+            f"{positions} positions (max_position_embeddings): prompts keep their last {keep} tokens and at most "
+            f"{new_tokens} new tokens are generated", LengthClippedWarning, stacklevel=2)
+        if keep < longest:
+            prompts = [encode_prompt(tokenizer, s, keep)["input_ids"] for s in sources]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     device = _model_device(model)
@@ -139,7 +182,7 @@ def generate(
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
-                    max_new_tokens=int(max_new_tokens),
+                    max_new_tokens=new_tokens,
                     do_sample=False,
                     num_beams=1,
                     eos_token_id=stops,

@@ -1,8 +1,10 @@
 """Prompt format and tokenization: ``"<source> ="`` continued by ``" <target></s>"``; training
-sequences ``[bos] prompt target [eos]`` with the loss on ``target [eos]`` only; batching."""
+sequences ``[bos] prompt target [eos]`` with the loss on ``target [eos]`` only; batching; a
+warning when the tokenizer cannot read the text (too many unknown tokens)."""
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Iterable, Sequence
 
 import torch
 
@@ -68,14 +70,58 @@ def encode_prompt(tokenizer, source: str, max_length: int) -> dict[str, list[int
     return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
 
+# Above this fraction of unknown tokens the model learns (and emits) <unk> instead of the text.
+UNKNOWN_WARN_RATE = 0.02
+
+
+class UnknownTokenWarning(UserWarning):
+    """The tokenizer maps too much of the data to its unknown token."""
+
+
+def unknown_token_rate(tokenizer, id_lists: Iterable[Sequence[int]]) -> tuple[int, int]:
+    """(unknown tokens, text tokens) over ``id_lists``; bos, eos and pad are not text."""
+    unk = tokenizer.unk_token_id
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    n_unk = n_text = 0
+    for ids in id_lists:
+        for t in ids:
+            if t not in special:
+                n_text += 1
+                n_unk += t == unk
+    return (n_unk if unk is not None else 0), n_text
+
+
+def warn_unknown_tokens(tokenizer, id_lists: Iterable[Sequence[int]], what: str) -> float:
+    """Warn (:class:`UnknownTokenWarning`) when more than ``UNKNOWN_WARN_RATE`` of the text
+    tokens in ``id_lists`` are the tokenizer's unknown token; returns that fraction."""
+    n_unk, n_text = unknown_token_rate(tokenizer, id_lists)
+    rate = n_unk / n_text if n_text else 0.0
+    if rate > UNKNOWN_WARN_RATE:
+        warnings.warn(
+            f"{rate:.1%} of the tokens of {what} ({n_unk} of {n_text}) are the tokenizer's unknown token "
+            f"{tokenizer.unk_token!r}: the model cannot read this text and learns to emit {tokenizer.unk_token!r}. "
+            "Use a model whose tokenizer covers it, e.g. one made by `sparse-engine pretrain --data FILES --out DIR` "
+            "and passed as --model DIR.", UnknownTokenWarning, stacklevel=3)
+    return rate
+
+
+def _describe(examples: Sequence[Example]) -> str:
+    names = sorted({ex.task_name for ex in examples})
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"the examples of {shown}"
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Examples encoded once with :func:`encode_example`; items are dicts of lists."""
+    """Examples encoded once with :func:`encode_example`; items are dicts of lists. Warns
+    (:class:`UnknownTokenWarning`) when the tokenizer cannot read the examples' text."""
 
     def __init__(self, examples: Sequence[Example], tokenizer, max_length: int = 128):
         if len(examples) == 0:
             raise ValueError("TokenizedDataset: no examples")
         self.max_length = int(max_length)
         self.items = [encode_example(tokenizer, ex, self.max_length) for ex in examples]
+        self.unknown_rate = warn_unknown_tokens(tokenizer, (it["input_ids"] for it in self.items),
+                                                _describe(examples))
 
     def __len__(self) -> int:
         return len(self.items)

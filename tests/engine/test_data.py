@@ -253,16 +253,16 @@ def test_every_produced_word_is_in_vocabulary(tok):
                     assert len(ids) == len(text.split())  # one token per word
     # the answer vocabulary of every mapping / pool
     for w in D.WORDS + D.SOUNDS + D.NUMBERS + D.ANSWER_WORDS + D.PUNCTUATION:
-        assert tok.convert_tokens_to_ids(w) != unk, w
+        assert tok.convert_tokens_to_ids(D.WORD_PREFIX + w) != unk, w
 
 
 def test_tokenizer_deterministic_and_special_tokens(tok):
     again = build_builtin_tokenizer()
     assert tok.get_vocab() == again.get_vocab()
-    assert D.builtin_vocabulary()[:4] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert D.builtin_pieces()[:4] == ["<pad>", "<unk>", "<s>", "</s>"]
     assert (tok.pad_token, tok.unk_token, tok.bos_token, tok.eos_token) == ("<pad>", "<unk>", "<s>", "</s>")
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
-    assert len(tok) == len(D.builtin_vocabulary())
+    assert len(tok) == len(D.builtin_pieces()) == 4 + len(D.builtin_vocabulary()) + 1 + 256
     text = "reverse the words : red fox 17 | cup = cup 17 fox red"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id
@@ -289,7 +289,7 @@ def test_tokenizer_save_and_autotokenizer_round_trip(tok, tmp_path):
 
 # ----------------------------------------------------------------------- encoding
 def _words_ids(tok, text):
-    return [tok.convert_tokens_to_ids(w) for w in text.split()]  # independent of the encoder
+    return [tok.convert_tokens_to_ids(D.WORD_PREFIX + w) for w in text.split()]  # independent of the encoder
 
 
 def test_format_prompt():
@@ -301,7 +301,7 @@ def test_encode_example_labels_mask_exactly_the_prompt(tok):
     for name in rng.sample(ALL, 6):
         ex = builtin_task_data(name, 0, 0, 1, seed=rng.randrange(10**6)).test[0]
         enc = encode_example(tok, ex, 64)
-        prompt = _words_ids(tok, ex.source) + [tok.convert_tokens_to_ids("=")]
+        prompt = _words_ids(tok, ex.source) + [tok.convert_tokens_to_ids(D.WORD_PREFIX + "=")]
         target = _words_ids(tok, ex.target) + [tok.eos_token_id]
         assert enc["input_ids"] == [tok.bos_token_id] + prompt + target
         assert enc["labels"] == [-100] * (1 + len(prompt)) + target
@@ -319,7 +319,7 @@ def test_encode_example_left_truncates_the_prompt(tok):
     assert len(enc["input_ids"]) == max_length
     keep = max_length - 1 - len(target)
     assert enc["input_ids"] == [tok.bos_token_id] + prompt[-keep:] + target
-    assert enc["input_ids"][keep] == tok.convert_tokens_to_ids("=")  # prompt end kept
+    assert enc["input_ids"][keep] == tok.convert_tokens_to_ids(D.WORD_PREFIX + "=")  # prompt end kept
     assert enc["labels"] == [-100] * (1 + keep) + target
 
 
@@ -329,7 +329,7 @@ def test_encode_example_overlong_target_is_cut_on_the_right(tok):
     prompt = _words_ids(tok, format_prompt(ex.source))  # 6 tokens < (16-1)//2
     assert len(enc["input_ids"]) == 16
     assert enc["input_ids"][: 1 + len(prompt)] == [tok.bos_token_id] + prompt
-    assert enc["input_ids"][1 + len(prompt):] == [tok.convert_tokens_to_ids("cup")] * (15 - len(prompt))
+    assert enc["input_ids"][1 + len(prompt):] == [tok.convert_tokens_to_ids(D.WORD_PREFIX + "cup")] * (15 - len(prompt))
     with pytest.raises(ValueError, match="max_length"):
         encode_example(tok, ex, 2)
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from sparse_engine.data import build_builtin_tokenizer, builtin_suite, encode_prompt
+from sparse_engine.data import WORD_PREFIX, build_builtin_tokenizer, builtin_suite, encode_prompt
 from sparse_engine.evaluation import (
     evaluate_tasks,
     generate,
@@ -152,7 +152,7 @@ def test_generate_stops_at_eos_and_skips_specials(tok):
             new = torch.tensor([self.script[:max_new_tokens]] * b)
             return torch.cat([input_ids, new], dim=1)
 
-    red, fox = tok.convert_tokens_to_ids("red"), tok.convert_tokens_to_ids("fox")
+    red, fox = tok.convert_tokens_to_ids(WORD_PREFIX + "red"), tok.convert_tokens_to_ids(WORD_PREFIX + "fox")
     model = Scripted([red, fox, tok.eos_token_id, red, red])
     out = generate(model, tok, ["copy the words : red fox", "copy the words : red"], max_new_tokens=5)
     assert out == ["red fox", "red fox"]
@@ -164,7 +164,7 @@ def test_generate_also_stops_at_the_model_config_stop_tokens(tiny_model, tok):
     source = "copy the words : red fox"
     free = generate(tiny_model, tok, [source], max_new_tokens=6)[0].split()
     assert len(free) >= 2
-    stop = tok.convert_tokens_to_ids(free[1])
+    stop = tok.convert_tokens_to_ids(WORD_PREFIX + free[1])
     tiny_model.generation_config.eos_token_id = [tok.eos_token_id, stop]
     try:
         assert generate(tiny_model, tok, [source], max_new_tokens=6) == [" ".join(free[: free.index(free[1])])]
