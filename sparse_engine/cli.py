@@ -230,7 +230,7 @@ def _cmd_merge(args) -> int:
         model, tokenizer = _load_model(args)
         apply_merged(model, merged, safe_merge=not args.no_safe_merge)
     path = save_merged(merged, out)
-    kind = "sparse adapter (union of masks)" if merged.is_sparse else "dense expert file"
+    kind = merged.output_kind  # says why a merge of sparse experts is dense (they mixed kinds)
     print(f"merged {len(experts)} experts with {merged.method} {merged.params} in {seconds:.2f} s")
     if "union_density" in merged.stats:
         print(f"union of masks: {100 * merged.stats['union_density']:.2f}% of the adapted weights")

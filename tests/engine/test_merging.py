@@ -1,6 +1,7 @@
 """Merging: Eq. 4, the baselines against PEFT, outputs, determinism and bad input."""
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from sparse_engine.io import base_fingerprint, load_adapter, save_adapter
 from sparse_engine.merging import (
     Expert,
     LowRankDelta,
+    MixedMergeWarning,
     apply_merged,
     load_expert,
     mask_result,
@@ -283,6 +285,37 @@ def test_mask_result_restricts_the_merge_to_one_experts_mask():
     assert torch.equal(masked.dense("w"), merged.dense("w") * mask)
 
 
+def _lowrank_expert(name, shapes, seed, fp):
+    g = torch.Generator().manual_seed(seed)
+    return Expert(name, "lora", {p: LowRankDelta(s, torch.randn(3, s[1], generator=g), torch.randn(s[0], 3, generator=g),
+                                                 0.5) for p, s in shapes.items()}, base_fingerprint=fp)
+
+
+def test_a_merge_of_sparse_and_dense_experts_says_it_is_dense(tmp_path):
+    sparse = _sparse_expert("s", seed=5)
+    lora = _lowrank_expert("l", {"w": SHAPE}, seed=6, fp="base0")
+    with pytest.warns(MixedMergeWarning, match=r"1 layer\(s\) \(e\.g\. w\) mix sparse experts \['s'\] with dense "
+                                               r"or low-rank ones \['l'\].*dense expert file, not a sparse adapter"):
+        merged = merge_experts([sparse, lora], "eq4")
+    assert not merged.is_sparse and merged.stats["mixed_layers"] == 1
+    assert merged.output_kind == "dense expert file: 1 layer(s) mix sparse and dense experts"
+    # Eq. 4 still: the low-rank expert's mask is full, so each entry divides by 1 or 2
+    mask = sparse.layers["w"].mask()
+    expected = (sparse.layers["w"].to_dense() + lora.layers["w"].to_dense()) / (1 + mask.float())
+    torch.testing.assert_close(merged.dense("w"), expected, rtol=1e-6, atol=1e-6)
+    # the expert file's metadata tells the same without reading its tensors
+    from_file = load_expert(save_expert(lora, tmp_path / "l.safetensors"))
+    with pytest.warns(MixedMergeWarning, match="mix sparse experts"):
+        merge_experts([sparse, from_file], "ties")
+    # asked for a dense output, or only sparse experts: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense = merge_experts([sparse, lora], "eq4", output="dense")
+        only_sparse = merge_experts([sparse, _sparse_expert("t", seed=7)], "eq4")
+    assert "mixed_layers" not in dense.stats and dense.output_kind == "dense expert file"
+    assert only_sparse.is_sparse and "mixed_layers" not in only_sparse.stats
+
+
 # ----------------------------------------------------------------------- bad input
 def test_bad_input_gets_one_clear_message():
     a, b = _sparse_expert("a"), _sparse_expert("b", seed=1)
@@ -340,6 +373,25 @@ def test_cli_merge_and_eval(tmp_path, capsys, tiny_base_dir):
                  "--out", str(tmp_path / "eval"), "--no-progress"])
     assert code == 0
     assert "held_out" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_cli_merge_of_a_sparse_and_a_lora_expert_says_it_writes_a_dense_file(tmp_path, capsys, tiny_base_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sparse_engine.cli import main
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    (adapter,) = _adapter_experts(base, tmp_path, n=1)
+    sparse = load_expert(adapter)
+    shapes = {p: tuple(d.shape) for p, d in sparse.layers.items()}
+    lora = save_expert(_lowrank_expert("l", shapes, seed=1, fp=sparse.base_fingerprint), tmp_path / "l.safetensors")
+    out = tmp_path / "m.safetensors"
+    with pytest.warns(MixedMergeWarning):
+        assert main(["merge", str(adapter), str(lora), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (dense expert file: {len(shapes)} layer(s) mix sparse and dense experts)" in printed
+    assert load_expert(out).kind == "merged" and not isinstance(next(iter(load_expert(out).layers.values())),
+                                                                (SparseDelta, BlockSparseDelta))
 
 
 @pytest.mark.parametrize("command", ["merge", "eval", "reproduce"])
