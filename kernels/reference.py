@@ -18,7 +18,9 @@ Conventions shared with the Triton launchers:
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -404,58 +406,79 @@ def delta_score_topk(dy, x, delta, k: int, score: str = "mcs") -> torch.Tensor:
 
 
 # ------------------------------------------- multi-adapter serving (twins of kernels/multi_adapter.py)
-# Twins of the segmented multi-adapter launchers: per segment, densify the slot's delta
-# from the pool and add x·ΔWᵀ (ΔW cast to x's dtype) into ``out`` at the segment's tokens.
+# Twins of the segmented multi-adapter launchers, and the CPU serving path: per segment, the
+# slot's CSR (element) or BSR (block) extent of the pool is wrapped as a torch sparse matrix
+# without copying and multiplied with the segment's tokens, so a step costs what the kept
+# entries cost (no dense ΔW is formed). Measured on the CPU against gather/index_add and a
+# padded-row bmm: docs/serving.md, "CPU path".
 
 
-def pool_block_delta(row_ptr_line, block_cols, blocks, shape) -> torch.Tensor:
-    """Dense fp32 ``[d_out, d_in]`` ΔW of one slot of a block pool (CSR ``row_ptr_line [d_out/B + 1]``)."""
-    d_out, d_in = (int(s) for s in shape)
-    bs = blocks.shape[-1]
-    ptr = row_ptr_line.long()
-    start, end = int(ptr[0]), int(ptr[-1])
-    dense = torch.zeros(d_out // bs, d_in // bs, bs, bs, dtype=torch.float32, device=blocks.device)
-    if end > start:
-        rows = torch.repeat_interleave(torch.arange(d_out // bs, device=blocks.device), ptr[1:] - ptr[:-1])
-        dense[rows, block_cols[start:end].long()] = blocks[start:end].float()
-    return dense.permute(0, 2, 1, 3).reshape(d_out, d_in)
+@functools.cache
+def _sparse_constructors_quiet() -> None:
+    """Build one sparse matrix with torch's once-per-process "beta" warning silenced, so the
+    serving path neither prints it nor pays a warnings filter on every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.sparse_csr_tensor(torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                                torch.ones(1), (1, 1), check_invariants=False)
 
 
-def pool_element_delta(row_ptr_line, cols, values, shape) -> torch.Tensor:
-    """Dense fp32 ``[d_out, d_in]`` ΔW of one slot of an element pool (CSR ``row_ptr_line [d_out + 1]``)."""
-    d_out, d_in = (int(s) for s in shape)
-    ptr = row_ptr_line.long()
-    start, end = int(ptr[0]), int(ptr[-1])
-    dense = torch.zeros(d_out, d_in, dtype=torch.float32, device=values.device)
-    if end > start:
-        rows = torch.repeat_interleave(torch.arange(d_out, device=values.device), ptr[1:] - ptr[:-1])
-        dense[rows, cols[start:end].long()] = values[start:end].float()
-    return dense
+def _segment_matrix(row_ptr_line, start, end, cols, values, shape, value_dtype, compute_dtype, layout):
+    """The slot's entries ``[start, end)`` of a pool (``row_ptr_line``: their absolute CSR row
+    pointers) as a sparse ``[d_out, d_in]`` matrix of its values rounded to ``value_dtype`` and
+    held in ``compute_dtype``: a view of the pool when the dtypes already match."""
+    crow = row_ptr_line - start if start else row_ptr_line
+    col = cols[start:end]
+    if crow.dtype != torch.int32:
+        crow = crow.to(torch.int32)
+    if col.dtype != torch.int32:  # int16 pools (the Triton layout): widened per call, copies the ids
+        col = col.to(torch.int32)
+    vals = values[start:end]
+    if vals.dtype != value_dtype:
+        vals = vals.to(value_dtype)
+    if vals.dtype != compute_dtype:
+        vals = vals.to(compute_dtype)
+    _sparse_constructors_quiet()
+    make = torch.sparse_bsr_tensor if layout == "bsr" else torch.sparse_csr_tensor
+    return make(crow, col, vals, shape, check_invariants=False)
 
 
-def _multi_delta(x, out, token_order, seg_slots, seg_offsets, densify):
+def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, layout):
+    """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ``; values are cast to x's dtype,
+    products accumulate in fp32 (fp64 for fp64 inputs), one rounding into ``out``."""
+    n_sel = int(token_order.numel())
+    if n_sel == 0 or seg_slots.numel() == 0:
+        return out
+    shape = (int(out.shape[-1]), int(x.shape[-1]))
+    compute = torch.promote_types(x.dtype, torch.float32)
     offsets = seg_offsets.tolist()
-    for i, slot in enumerate(seg_slots.tolist()):
-        toks = token_order[offsets[i]: offsets[i + 1]].long()
-        if toks.numel() == 0:
+    slots = seg_slots.tolist()
+    seg = seg_slots.long()
+    extents = torch.stack([row_ptr[:, 0].index_select(0, seg), row_ptr[:, -1].index_select(0, seg)], 1).tolist()
+    for i, slot in enumerate(slots):
+        a, b = offsets[i], offsets[i + 1]
+        start, end = extents[i]
+        if b <= a or end <= start:  # no tokens, or an adapter with nothing in this layer
             continue
-        delta = densify(slot).to(x.dtype)
-        out.index_add_(0, toks, F.linear(x.index_select(0, toks), delta).to(out.dtype))
+        mat = _segment_matrix(row_ptr[slot], start, end, cols, values, shape, x.dtype, compute, layout)
+        toks = token_order[a:b]
+        xs = x.index_select(0, toks)
+        ys = (mat @ xs.t().to(compute)).t()  # [tokens, d_out], sparse × dense: only the kept entries
+        if out.dtype == compute:
+            out.index_add_(0, toks, ys)
+        else:  # the sum is added to out read in fp32 and rounded once
+            out.index_copy_(0, toks, (out.index_select(0, toks).to(compute) + ys).to(out.dtype))
     return out
 
 
 def multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, block_cols, blocks, **_):
     """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ`` (block pool), in place; returns ``out``."""
-    shape = (out.shape[-1], x.shape[-1])
-    return _multi_delta(x, out, token_order, seg_slots, seg_offsets,
-                        lambda s: pool_block_delta(row_ptr[s], block_cols, blocks, shape))
+    return _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, block_cols, blocks, "bsr")
 
 
 def multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, **_):
     """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ`` (element pool), in place; returns ``out``."""
-    shape = (out.shape[-1], x.shape[-1])
-    return _multi_delta(x, out, token_order, seg_slots, seg_offsets,
-                        lambda s: pool_element_delta(row_ptr[s], cols, values, shape))
+    return _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, "csr")
 
 
 # --------------------------------------- end of multi-adapter serving (owner: kernels/multi_adapter.py)
