@@ -83,6 +83,24 @@ def test_eq4_equals_densify_and_stack_reference_and_never_densifies(monkeypatch)
     torch.testing.assert_close(merged.dense("w"), reference, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("block", [None, 16])
+def test_no_method_densifies_an_expert_read_from_its_adapter_file(tmp_path, monkeypatch, block):
+    base = tiny_phi3()
+    paths = _adapter_experts(base, tmp_path, n=2, block=block)
+
+    def boom(self):
+        raise AssertionError("merging built a dense delta or mask of an expert")
+
+    for cls in (SparseDelta, BlockSparseDelta):
+        monkeypatch.setattr(cls, "to_dense", boom)
+        monkeypatch.setattr(cls, "mask", boom)
+    for method in merging.METHODS:
+        for output in ("auto", "dense"):
+            experts = [load_expert(p) for p in paths]
+            for _ in merging.iter_merged_layers(experts, method, output=output):
+                pass
+
+
 # ------------------------------------------------------------------------- vs PEFT
 PEFT_CASES = [
     ("task_arithmetic", {"lam": 1.0}, lambda ts, w: peft_merge.task_arithmetic(ts, w)),
