@@ -88,14 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", default="sparse", choices=["sparse", "block", "lora", "full"],
                        help="sparse (element), block (16x16), lora (matched rank) or full fine-tuning (default: %(default)s)")
     train.add_argument("--out", default="runs/train", help="output directory (default: %(default)s)")
-    train.add_argument("--n-train", type=int, default=1000, help="built-in tasks: training examples (default: %(default)s)")
-    train.add_argument("--n-test", type=int, default=100, help="built-in tasks: test examples (default: %(default)s)")
-    train.add_argument("--max-examples-per-task", type=int, default=None, help="--data: sub-sample each task")
+    train.add_argument("--n-train", type=_positive(int), default=None,
+                       help="training examples per task (default: 1000 built-in; with --data every train row, "
+                            "else a sample of N of them)")
+    train.add_argument("--n-test", type=_positive(int), default=None,
+                       help="test examples per task (default: 100 built-in; with --data every test row, else a "
+                            "sample of N)")
+    train.add_argument("--max-examples-per-task", type=_positive(int), default=None,
+                       help="--data: sub-sample each task's rows to N before the split into train/validation/test "
+                            "(all splits shrink; --n-train / --n-test cap one split)")
     train.add_argument("--max-length", type=_positive(int), default=None, help="tokens per example (default: 48 built-in, 1024 otherwise)")
     train.add_argument("--max-new-tokens", type=_positive(int), default=None, help="generation length for --eval (default: 16 / 128)")
     train.add_argument("--eval", action="store_true", help="evaluate base and expert on each task's test split (Rouge-L)")
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
-    train.add_argument("--resume", action="store_true", help="resume each expert from its checkpoint in --out")
+    train.add_argument("--resume", action="store_true",
+                       help="continue each expert from its checkpoint under --out (same options as the "
+                            "interrupted run); experts without one are trained from the start")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train afresh experts whose adapter file or checkpoint an earlier run left in --out "
+                            "(default: refuse)")
     train.add_argument("--cache-dir", default=None, help="built-in base model cache")
     train.add_argument("--data-parallel", action="store_true",
                        help="under torchrun: train each expert with all ranks together (default: split the experts "
@@ -376,6 +387,10 @@ def _load_model(args):
 
         return load_builtin_base(cache_dir=args.cache_dir, progress=not args.no_progress)
     path = Path(args.model)  # checked to be a directory by main() before any work
+    if args.no_progress:  # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -390,12 +405,14 @@ def _cmd_train(args, ranks=None) -> int:
     from sparse_engine import data
     from sparse_engine.experiments import results as result_files
     from sparse_engine.config import DEFAULT_TARGET_MODULES, SparseAdapterConfig
-    from sparse_engine.experiments.experts import DEFAULT_LEARNING_RATES, ExpertSpec, check_split, run_experts
+    from sparse_engine.experiments.experts import (DEFAULT_LEARNING_RATES, ExpertSpec, check_expert_outputs,
+                                                   check_split, run_experts)
     from sparse_engine.experiments.ranks import Ranks
     from sparse_engine.training import TrainingConfig
 
     ranks = ranks or Ranks()
     out = Path(args.out)
+    adapters_dir, checkpoints_dir = out / "adapters", out / "checkpoints"
 
     def prepare():
         """Everything cheap before loading a model: every rank checks it, and a failure on one
@@ -409,7 +426,7 @@ def _cmd_train(args, ranks=None) -> int:
             epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
             learning_rate=args.lr or DEFAULT_LEARNING_RATES[args.method], warmup_ratio=args.warmup_ratio,
             max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
-            checkpoint_dir=str(out / "checkpoints") if (args.checkpoint_every or args.resume) else None,
+            checkpoint_dir=str(checkpoints_dir) if (args.checkpoint_every or args.resume) else None,
             checkpoint_every=args.checkpoint_every,
         )
         if args.data is None:
@@ -417,15 +434,18 @@ def _cmd_train(args, ranks=None) -> int:
             unknown = [t for t in args.tasks if t not in known]
             if unknown:
                 raise ValueError(f"unknown built-in task(s) {unknown}; see `sparse-engine tasks` (or pass --data)")
-            tasks = {t: data.builtin_task_data(t, n_train=args.n_train, n_validation=0, n_test=args.n_test,
-                                               seed=args.seed) for t in args.tasks}
+            tasks = {t: data.builtin_task_data(t, n_train=args.n_train or 1000, n_validation=0,
+                                               n_test=args.n_test or 100, seed=args.seed) for t in args.tasks}
         else:
             tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=args.tasks,
-                                   max_examples_per_task=args.max_examples_per_task, seed=args.seed)
+                                   max_examples_per_task=args.max_examples_per_task, n_train=args.n_train,
+                                   n_test=args.n_test, seed=args.seed)
         check_split(len(tasks), ranks, args.data_parallel)
-        return adapter, training, tasks
+        stale = check_expert_outputs(adapters_dir, checkpoints_dir, tasks, args.method, resume=args.resume,
+                                     overwrite=args.overwrite)
+        return adapter, training, tasks, stale
 
-    adapter, training, tasks = ranks.run(prepare)
+    adapter, training, tasks, stale = ranks.run(prepare)
     ranks.check_same("the command line", vars(args))
     if ranks.size > 1:
         ranks.check_same("the task data (sha256)", _fingerprint(tasks))
@@ -435,10 +455,13 @@ def _cmd_train(args, ranks=None) -> int:
     # the built-in base: rank 0 builds a missing one (once), then the others read it from the cache
     load = ranks.main_first if args.model is None else ranks.run
     model, tokenizer = load(lambda: _load_model(args))
-    spec = ExpertSpec(method=args.method, adapter=adapter, training=training, max_length=max_length)
+    # --overwrite: an earlier run's checkpoint must not be resumed later in place of this run's
+    ranks.run(lambda: [p.unlink(missing_ok=True) for p in stale] if ranks.is_main else None)
+    spec = ExpertSpec(method=args.method, adapter=adapter, training=training, max_length=max_length,
+                      resume=args.resume)
     start = time.perf_counter()
     results = run_experts(model, tokenizer, tasks, [args.method], spec=spec,
-                          learning_rates={args.method: training.learning_rate}, out_dir=out / "adapters",
+                          learning_rates={args.method: training.learning_rate}, out_dir=adapters_dir,
                           evaluate=args.eval, max_new_tokens=max_new, progress=not args.no_progress,
                           ranks=ranks, data_parallel=args.data_parallel)
     results["seconds"] = round(time.perf_counter() - start, 1)
@@ -486,6 +509,7 @@ def main(argv=None) -> int:
     from sparse_engine.experiments.ranks import RankFailed
 
     args = build_parser().parse_args(argv)
+    started = time.time()
     handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval,
                 "reproduce": _cmd_reproduce}
     ranks, owns_group = None, False
@@ -504,6 +528,12 @@ def main(argv=None) -> int:
         if ranks is not None:
             ranks.settle()  # every rank's error line is out before any rank exits
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line saying how to continue, no traceback (what was written is complete:
+        # every file is written atomically)
+        sys.stderr.write(f"{ranks.prefix() if ranks is not None else ''}{_interrupted(args, started)}\n")
+        sys.stderr.flush()
+        return 130
     finally:
         if ranks is not None:
             ranks.close()
@@ -511,6 +541,35 @@ def main(argv=None) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _interrupted(args, started: float) -> str:
+    """The line a Ctrl-C ends with: for ``train``, the checkpoint ``--resume`` continues from."""
+    if args.command == "reproduce":
+        return (f"interrupted: the experts finished so far are kept under {args.out}; run the same command again to "
+                "continue from them")
+    if args.command != "train":
+        return f"interrupted: `sparse-engine {args.command}` stopped before it finished"
+    from sparse_engine.training import CHECKPOINT_NAME
+
+    found = [(p.stat().st_mtime, p) for p in Path(args.out, "checkpoints").glob(f"*/{CHECKPOINT_NAME}")]
+    # this run's checkpoints, or the ones it resumed from
+    found = sorted(item for item in found if args.resume or item[0] >= started)
+    if not found:
+        hint = "" if args.checkpoint_every else " (--checkpoint-every N writes one every N steps)"
+        return f"interrupted: no checkpoint was written{hint}, so there is nothing to resume; run again to start afresh"
+    path = found[-1][1]
+    return (f"interrupted: the last checkpoint is {path}{_checkpoint_step(path)}; run the same command with --resume "
+            "to continue from it")
+
+
+def _checkpoint_step(path) -> str:
+    import torch
+
+    try:  # mmap: only the loop state is read, not the weights
+        return f" (step {torch.load(path, map_location='cpu', weights_only=False, mmap=True)['state']['step']})"
+    except Exception:  # noqa: BLE001 - the step is a courtesy; the path is the answer
+        return ""
 
 
 def _start_ranks(args):

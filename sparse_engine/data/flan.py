@@ -91,6 +91,8 @@ def _load_dataset(source, cache_dir):
                 f"({type(exc).__name__}: {str(exc)[:200]})"
             ) from exc
     builder = _BUILDERS[files[0].suffix.lower()]
+    if builder == "json":
+        return _read_json_files(files)
     try:
         return datasets.load_dataset(
             builder, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir
@@ -102,10 +104,82 @@ def _load_dataset(source, cache_dir):
         ) from exc
 
 
-def _as_text(value, column: str, task: str) -> str:
+def _json_rows(path: Path):
+    """(line number, value) of each row of a JSON-lines file, or of a file holding one JSON list."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"load_flan: {path} line {exc.lineno} is not valid JSON: {exc.msg} "
+                             f"(column {exc.colno})") from None
+        # a list gives no line per row: its position (1-based) names it instead
+        return [(f"row {i}", row) for i, row in enumerate(items, 1)] if isinstance(items, list) else \
+            [("line 1", items)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"load_flan: {path} line {number} is not valid JSON: {exc.msg} (column {exc.colno}): "
+                             f"{line.strip()[:80]!r}") from None
+    return rows
+
+
+def _read_json_files(files: list[Path]):
+    """Local JSON / JSONL files read here rather than by ``datasets``: its reader turns lists,
+    numbers and objects into text without a word, and names no line of a malformed row. Every
+    ``source`` / ``target`` / ``task_name`` must be a string; a bad row is named by file and line."""
+    import datasets
+
+    rows, where = [], []
+    for path in files:
+        for place, row in _json_rows(path):
+            if not isinstance(row, dict):
+                raise ValueError(f"load_flan: {path} {place} is a JSON {type(row).__name__}, not an object with "
+                                 f"columns {list(REQUIRED_COLUMNS)}")
+            rows.append(row)
+            where.append(f"{path} {place}")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"load_flan: dataset is missing required column(s) {missing}; found columns {columns}")
+    for row, place in zip(rows, where):
+        for column in REQUIRED_COLUMNS:
+            _check_text(row.get(column), column, place)
+    keep = list(REQUIRED_COLUMNS) + (["split"] if "split" in columns else [])
+    table = {c: [row.get(c) for row in rows] for c in keep}
+    if "split" in table:  # a number would make the column mixed; its value is checked later, by name
+        table["split"] = [None if v is None else str(v) for v in table["split"]]
+    return datasets.Dataset.from_dict(table)
+
+
+def _check_text(value, column: str, where: str) -> str:
     if value is None:
-        raise ValueError(f"load_flan: a row of task {task!r} has no value in column {column!r}")
-    return value if isinstance(value, str) else str(value)
+        raise ValueError(f"load_flan: {where} has no value in column {column!r}")
+    if not isinstance(value, str):
+        shown = json.dumps(value, ensure_ascii=False, default=str)
+        raise ValueError(f"load_flan: {where}, column {column!r}: a {_json_kind(value)} ({shown[:60]}), not a "
+                         "string; convert it to the text the model should read or write (e.g. join a list)")
+    return value
+
+
+def _json_kind(value) -> str:
+    return {dict: "JSON object", list: "JSON list", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), type(value).__name__)
+
+
+def _check_columns(ds) -> None:
+    """Every ``source`` / ``target`` / ``task_name`` of a Parquet file, hub dataset or Dataset
+    is a string; the first bad one is named by its row (1-based, files in order)."""
+    for column in REQUIRED_COLUMNS:
+        dtype = getattr(ds.features[column], "dtype", None)
+        if dtype in ("string", "large_string") and ds.data.column(column).null_count == 0:
+            continue
+        for i, value in enumerate(ds[column]):
+            _check_text(value, column, f"row {i + 1}")
 
 
 def load_flan(
@@ -115,6 +189,8 @@ def load_flan(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     max_examples_per_task: int | None = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
 ) -> dict[str, TaskData]:
@@ -131,8 +207,13 @@ def load_flan(
     ``round(n*val_fraction)`` validation rows, the rest train.
 
     ``max_examples_per_task`` sub-samples each task (deterministically) before splitting,
-    like the paper's 10k-per-task sub-sampling. Tasks come back in the order requested,
-    or sorted by name when ``tasks`` is None; every split keeps file order.
+    like the paper's 10k-per-task sub-sampling: every split shrinks with it. ``n_train`` /
+    ``n_test`` then keep at most that many train / test examples of each task (a deterministic
+    sample), the other splits untouched. Tasks come back in the order requested, or sorted by
+    name when ``tasks`` is None; every split keeps file order.
+
+    Every ``source``, ``target`` and ``task_name`` must be a string: a list, number or object
+    is refused, naming its file and line (JSON lines) or row, never turned into its repr.
     """
     for nm, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not (0.0 <= float(f) < 1.0):
@@ -141,8 +222,9 @@ def load_flan(
         raise ValueError(
             f"load_flan: val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}"
         )
-    if max_examples_per_task is not None and int(max_examples_per_task) < 1:
-        raise ValueError(f"load_flan: max_examples_per_task must be >= 1, got {max_examples_per_task}")
+    for nm, cap in (("max_examples_per_task", max_examples_per_task), ("n_train", n_train), ("n_test", n_test)):
+        if cap is not None and int(cap) < 1:
+            raise ValueError(f"load_flan: {nm} must be >= 1, got {cap}")
     if isinstance(tasks, str):
         tasks = [tasks]
 
@@ -156,7 +238,8 @@ def load_flan(
     if len(ds) == 0:
         raise ValueError(f"load_flan: dataset {source!r} has no rows")
 
-    task_col = [_as_text(t, "task_name", "?") for t in ds["task_name"]]
+    _check_columns(ds)
+    task_col = list(ds["task_name"])
     by_task: dict[str, list[int]] = {}
     for i, t in enumerate(task_col):
         by_task.setdefault(t, []).append(i)
@@ -192,9 +275,7 @@ def load_flan(
         tgts = sub["target"][pos: pos + n]
         splits = sub["split"][pos: pos + n] if has_split else None
         pos += n
-        examples = [
-            Example(_as_text(s, "source", t), _as_text(g, "target", t), t) for s, g in zip(srcs, tgts)
-        ]
+        examples = [Example(s, g, t) for s, g in zip(srcs, tgts)]
         td = TaskData(t)
         if has_split:
             for ex, sp in zip(examples, splits):
@@ -219,6 +300,11 @@ def load_flan(
             val_ids = set(order[n_test: n_test + n_val])
             for i, ex in enumerate(examples):
                 (td.test if i in test_ids else td.validation if i in val_ids else td.train).append(ex)
+        for split, cap in (("train", n_train), ("test", n_test)):
+            rows = getattr(td, split)
+            if cap is not None and len(rows) > cap:
+                keep = sorted(task_rng(seed, f"{split}-cap:{t}").sample(range(len(rows)), int(cap)))
+                setattr(td, split, [rows[i] for i in keep])
         out[t] = td
     return out
 

@@ -25,7 +25,7 @@ from sparse_engine.baselines import attach_lora, matched_lora_rank, prepare_full
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.io import save_adapter
 from sparse_engine.experiments.ranks import Ranks
-from sparse_engine.training import TrainingConfig, train_expert
+from sparse_engine.training import CHECKPOINT_NAME, TrainingConfig, train_expert
 
 METHODS = ("sparse", "block", "lora", "full")
 METHOD_LABELS = {"base": "base (no training)", "sparse": "element-sparse", "block": "block-sparse",
@@ -41,10 +41,16 @@ class ExpertSpec:
     adapter: SparseAdapterConfig = field(default_factory=SparseAdapterConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     max_length: int = 128
+    resume: bool = False  # continue from the expert's checkpoint under training.checkpoint_dir, if there is one
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+
+def expert_name(task: str, method: str) -> str:
+    """The stem of an expert's file and of its checkpoint folder: ``<task>-<method>``."""
+    return f"{task}-{method}"
 
 
 def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSpec, out_dir: Path | None = None, *,
@@ -66,14 +72,15 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
     collate = lambda b: data.collate_causal_lm(b, tokenizer.pad_token_id)  # noqa: E731
     training = replace(spec.training, desc=f"{task.name} [{spec.method}]")
     if training.checkpoint_dir:
-        training = replace(training, checkpoint_dir=str(Path(training.checkpoint_dir) / f"{task.name}-{spec.method}"))
+        training = replace(training, checkpoint_dir=str(Path(training.checkpoint_dir) / expert_name(task.name, spec.method)))
     info = {"task": task.name, "method": spec.method}
     if spec.method in ("sparse", "block"):
         adapter = replace(spec.adapter, block_size=None if spec.method == "sparse" else (spec.adapter.block_size or 16))
-        result = train_expert(model, dataset, training, adapter=adapter, collate_fn=collate, process_group=group)
+        result = train_expert(model, dataset, training, adapter=adapter, collate_fn=collate, resume=spec.resume,
+                              process_group=group)
         info["keep_ratio"] = adapter.keep_ratio
         if out_dir is not None:
-            path = save_adapter(model, Path(out_dir) / f"{task.name}-{spec.method}.safetensors",
+            path = save_adapter(model, Path(out_dir) / f"{expert_name(task.name, spec.method)}.safetensors",
                                 extra_metadata={"task": task.name, "method": spec.method})
             info["adapter_file"] = info["expert_file"] = str(path)
     elif spec.method == "lora":
@@ -83,11 +90,11 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.training.seed * 1_000_003 + zlib.crc32(task.name.encode()))
             model = attach_lora(model, rank, spec.adapter.target_modules)
-        result = train_expert(model, dataset, training, collate_fn=collate, process_group=group)
+        result = train_expert(model, dataset, training, collate_fn=collate, resume=spec.resume, process_group=group)
         info["lora_rank"] = rank
     else:
         prepare_full_finetune(model)
-        result = train_expert(model, dataset, training, collate_fn=collate, process_group=group)
+        result = train_expert(model, dataset, training, collate_fn=collate, resume=spec.resume, process_group=group)
     if spec.method in ("lora", "full") and out_dir is not None:
         # Keep the expert's task vector for merging: LoRA factors (ΔW = scale·B·A per target
         # layer) or the full fine-tune's τ = W_ft − W of every parameter.
@@ -97,7 +104,7 @@ def train_task_expert(base_model, tokenizer, task: data.TaskData, spec: ExpertSp
             expert = expert_from_lora_model(model, task.name, base_model=base_model)
         else:
             expert = expert_from_full_model(model, base_model, task.name, target_modules=spec.adapter.target_modules)
-        path = save_expert(expert, Path(out_dir) / f"{task.name}-{spec.method}.safetensors",
+        path = save_expert(expert, Path(out_dir) / f"{expert_name(task.name, spec.method)}.safetensors",
                            extra={"task": task.name, "method": spec.method})
         info["expert_file"] = str(path)
     info.update(result.to_dict())
@@ -113,6 +120,34 @@ def check_split(n_jobs: int, ranks: Ranks, data_parallel: bool = False) -> None:
             f"{n_jobs} expert(s) to train on {ranks.size} ranks: rank(s) {n_jobs}..{ranks.size - 1} would have "
             f"nothing to train; launch at most {n_jobs} rank(s) (torchrun --nproc_per_node), or train each expert "
             "with all ranks together (--data-parallel)")
+
+
+def check_expert_outputs(adapter_dir, checkpoint_dir, tasks, method: str, *, resume: bool,
+                         overwrite: bool) -> list[Path]:
+    """What training the ``method`` experts of ``tasks`` may write, checked before any work;
+    returns the stale checkpoints to delete before training (experts trained afresh over an
+    earlier run's with ``overwrite``: a later ``resume`` must not continue the old run).
+
+    An expert file or checkpoint of an earlier run is never replaced silently: ``resume``
+    continues an expert from its checkpoint, ``overwrite`` trains it afresh, neither is an
+    error naming the files. ``resume`` when no expert has a checkpoint is an error too."""
+    names = [expert_name(t, method) for t in tasks]
+    files = {n: Path(adapter_dir) / f"{n}.safetensors" for n in names}
+    checkpoints = {n: Path(checkpoint_dir) / n / CHECKPOINT_NAME for n in names}
+    if resume and not any(p.is_file() for p in checkpoints.values()):
+        raise ValueError(f"--resume: no checkpoint to resume under {checkpoint_dir} for {', '.join(names)} "
+                         "(checkpoints are written only with --checkpoint-every N, or --resume); run again without "
+                         "--resume to start afresh")
+    taken = [n for n in names if (files[n].exists() or checkpoints[n].exists())
+             and not (resume and checkpoints[n].is_file())]
+    if taken and not overwrite:
+        found = [str(files[n]) if files[n].exists() else str(checkpoints[n]) for n in taken]
+        more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+        hint = "pass --overwrite to train afresh"
+        hint += ", --resume to continue from the checkpoint" if not resume and any(
+            checkpoints[n].is_file() for n in taken) else ""
+        raise ValueError(f"an earlier run wrote {', '.join(found[:2])}{more}; {hint}, or choose another --out")
+    return [checkpoints[n] for n in taken if checkpoints[n].exists()]
 
 
 def run_experts(base_model, tokenizer, tasks: dict[str, data.TaskData], methods, *, spec: ExpertSpec,

@@ -323,8 +323,15 @@ def test_two_train_runs_sharing_one_out_keep_both(tmp_path, tiny_base_dir, capsy
     assert list(results["scores"]["base"]) == ["colour_to_fruit"]
     table = (out / "results.md").read_text()
     assert "| reverse_words |" in table and "| colour_to_fruit |" in table
-    # the same (task, method) again: the newer expert replaces the older, in place
-    assert main(["train", "--tasks", "reverse_words", *common, "--epochs", "2"]) == 0
+    # the same (task, method) again: refused (its adapter file is there), unless --overwrite; then the
+    # newer expert replaces the older, in place
+    adapter = out / "adapters" / "reverse_words-sparse.safetensors"
+    before = adapter.read_bytes()
+    assert main(["train", "--tasks", "reverse_words", *common, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and str(adapter) in err and "--overwrite" in err
+    assert adapter.read_bytes() == before and len(json.loads((out / "results.json").read_text())["runs"]) == 2
+    assert main(["train", "--tasks", "reverse_words", *common, "--epochs", "2", "--overwrite"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [(e["task"], e["steps"]) for e in results["experts"]] == [("reverse_words", 8), ("colour_to_fruit", 4)]
     assert len(results["runs"]) == 3

@@ -1,0 +1,102 @@
+"""``train --resume`` and Ctrl-C: an interrupted CLI run, resumed, ends with the uninterrupted run's
+adapter; Ctrl-C ends with one line naming the checkpoint (exit code 130, no traceback)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparse_engine import training
+from sparse_engine.cli import main
+
+from .dist_harness import REPO
+
+# 2 epochs of 4 steps, a mask update every 2 steps: a checkpoint at step 3 is mid-epoch, in the search phase
+SMALL = ["--tasks", "reverse_words", "--n-train", "32", "--n-test", "4", "--epochs", "2", "--batch-size", "8",
+         "--update-interval", "2", "--no-progress"]
+
+
+def _same_adapter(a, b) -> None:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys() and x
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_base_dir):
+    """The uninterrupted run (it writes checkpoints too, so both runs do the same work)."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main(["train", *SMALL, "--model", str(tiny_base_dir), "--out", str(out), "--checkpoint-every", "3"]) == 0
+    return out / "adapters" / "reverse_words-sparse.safetensors"
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_base_dir, reference, monkeypatch,
+                                                              capsys):
+    out = tmp_path / "out"
+    argv = ["train", *SMALL, "--model", str(tiny_base_dir), "--out", str(out), "--checkpoint-every", "3"]
+    save = training.save_checkpoint
+    steps = []
+
+    def save_then_interrupt(path, model, optimizer, scheduler, state, settings=None):
+        save(path, model, optimizer, scheduler, state, settings)
+        steps.append(state["step"])
+        raise KeyboardInterrupt  # Ctrl-C right after the first checkpoint (step 3 of 8)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_interrupt)
+    assert main(argv) == 130
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    err = capsys.readouterr().err
+    checkpoint = out / "checkpoints" / "reverse_words-sparse" / training.CHECKPOINT_NAME
+    assert steps == [3]
+    assert err.count("\n") == 1 and f"{checkpoint} (step 3)" in err and "--resume" in err
+    assert not (out / "adapters").exists() and not (out / "results.json").exists()
+    # a plain rerun would discard the checkpoint: refused, naming both ways on
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--resume" in err and "--overwrite" in err and str(checkpoint) in err
+    assert main([*argv, "--resume"]) == 0
+    _same_adapter(out / "adapters" / "reverse_words-sparse.safetensors", reference)
+    # without the resume the first steps would be retrained: the same adapter proves they were not repeated
+    assert torch.load(checkpoint, weights_only=False)["state"]["step"] == 8
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, tiny_base_dir, capsys):
+    out = tmp_path / "out"
+    assert main(["train", *SMALL, "--model", str(tiny_base_dir), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "no checkpoint to resume" in err and "--checkpoint-every" in err
+    assert not out.exists()
+
+
+def test_ctrl_c_on_a_real_process(tmp_path, tiny_base_dir, capsys):
+    """SIGINT to a running ``sparse-engine train`` once a checkpoint is on disk: exit 130, one line
+    naming the checkpoint, no traceback; ``--resume`` then continues from that step to the end
+    (that the resumed adapter is the uninterrupted one is the test above)."""
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoints" / "reverse_words-sparse" / training.CHECKPOINT_NAME
+    # 40 steps, a checkpoint after each: the signal lands long before the end
+    args = [*SMALL, "--epochs", "10", "--model", str(tiny_base_dir), "--checkpoint-every", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_engine.cli", "train", *args], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    step = torch.load(checkpoint, weights_only=False)["state"]["step"]
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.count("\n") == 1, err[-3000:]
+    assert err.startswith(f"interrupted: the last checkpoint is {checkpoint} (step {step})")
+    assert 1 <= step < 40
+    assert main(["train", *args, "--resume"]) == 0
+    capsys.readouterr()
+    final = torch.load(checkpoint, weights_only=False)["state"]
+    assert final["step"] == 40 and len(final["losses"]) == 40  # the first steps' losses come from the checkpoint
