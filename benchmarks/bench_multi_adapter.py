@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import append_rows, run_metadata, sm90_compile_check
+from common import append_rows, reexec_with_fixed_mmap_threshold, run_metadata, sm90_compile_check
 
 IMPLS = ("base", "merged", "ours", "peft", "loop")
 GOALS = (  # (level, phase, metric, impl, minimum) at 64 distinct block adapters, keep 0.1 (docs/serving.md)
@@ -39,13 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--levels", nargs="+", choices=["op", "model"], default=["op", "model"])
     p.add_argument("--phases", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256], help="rows per batch")
-    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64, 256], help="distinct adapters in the batch")
+    p.add_argument("--adapters", type=int, nargs="+", default=None,
+                   help="distinct adapters in the batch (default 1 8 64 256; --cpu: 8 64)")
     p.add_argument("--popularity", nargs="+", choices=["uniform", "skewed"], default=["uniform", "skewed"])
-    p.add_argument("--formats", nargs="+", choices=["block", "element"], default=["block"])
+    p.add_argument("--formats", nargs="+", choices=["block", "element"], default=None,
+                   help="adapter formats (default block; --cpu: block element)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--keep", type=float, default=0.1, help="keep ratio of each adapter")
-    p.add_argument("--layers", type=int, default=8, help="decoder layers of the model-level runs (Phi-3-mini: 32)")
-    p.add_argument("--prompt", type=int, default=128, help="prefill tokens per row")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of the model-level runs (default 8; --cpu: 2; Phi-3-mini: 32)")
+    p.add_argument("--prompt", type=int, default=None, help="prefill tokens per row (default 128; --cpu: 8)")
     p.add_argument("--context", type=int, default=512, help="KV-cache length of the decode step")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
@@ -55,7 +58,21 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny CPU/GPU run of every implementation; records nothing")
     p.add_argument("--compile-check", action="store_true", help="compile every kernel config for sm_90; no GPU needed")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    cpu = p.add_argument_group("CPU table (--cpu): ours vs PEFT mixed-batch LoRA vs the base alone, model level")
+    cpu.add_argument("--cpu", action="store_true", help="run the CPU table (reference path) instead of the GPU "
+                     "benchmark; --adapters, --formats, --keep, --layers, --prompt apply; rows are recorded")
+    cpu.add_argument("--hidden", type=int, nargs="+", default=[512, 3072], help="model widths (3072: Phi-3-mini)")
+    cpu.add_argument("--new-tokens", type=int, default=8, help="tokens generated per row")
+    cpu.add_argument("--repeats", type=int, default=3, help="alternated repeats (the minimum is kept)")
+    cpu.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared CPU)")
+    cpu.add_argument("--no-register", action="store_true", help="skip the register peak-memory rows")
+    args = p.parse_args(argv)
+    defaults = dict(adapters=[8, 64], formats=["block", "element"], layers=2, prompt=8) if args.cpu else \
+        dict(adapters=[1, 8, 64, 256], formats=["block"], layers=8, prompt=128)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -600,6 +617,208 @@ def print_goals(rows):
               f"[{'met' if worst >= minimum else 'NOT met'}]")
 
 
+# ----------------------------------------------------------------------- CPU table
+# The reference (CPU) serving path against PEFT mixed-batch LoRA and the base model alone, at the
+# model level, forward and generate, every row of the batch a different expert. Methods are
+# alternated in one process and the minimum of --repeats is kept (the CPU is shared).
+
+
+def cpu_config(hidden, layers):
+    """A Phi-3-mini-shaped config of width ``hidden`` (3072: Phi-3-mini; MLP and heads scaled)."""
+    from transformers import Phi3Config
+
+    heads = max(1, hidden // 96)
+    inter = 16 * round(hidden * 8 / 3 / 16)
+    return Phi3Config(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                      original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1,
+                      eos_token_id=32000, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attention_dropout=0.0)
+
+
+def cpu_delta(torch, shape, fmt, keep, gen):
+    """A random adapter layer with about ``keep`` of its units kept (Bernoulli: fast at Phi-3 width)."""
+    from sparse_engine.formats import BlockSparseDelta, SparseDelta
+
+    d_out, d_in = shape
+    units = (d_out // 16) * (d_in // 16) if fmt == "block" else d_out * d_in
+    ids = (torch.rand(units, generator=gen) < keep).nonzero().flatten().to(torch.int32)
+    if fmt == "block":
+        return BlockSparseDelta(shape, torch.randn(len(ids), 16, 16, generator=gen) * 0.01, ids)
+    return SparseDelta(shape, torch.randn(len(ids), generator=gen) * 0.01, ids)
+
+
+def shared_peft(torch, model, lib, n, rank):
+    """PEFT LoRA (``n`` adapters of rank ``rank`` on qkv_proj, random A and B) over a copy of
+    ``model`` that shares every weight with it (no second copy of the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    memo = {id(lib): lib, **{id(p): p for p in model.parameters()}}
+    plain = copy.deepcopy(model, memo=memo)
+    for layer in lib.layers:  # the copy holds our wrappers: put the plain linears back
+        parent, _, child = layer.rpartition(".")
+        setattr(plain.get_submodule(parent), child, plain.get_submodule(layer).base)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(plain, cfg, adapter_name="a0")
+    for i in range(1, n):
+        peft_model.add_adapter(f"a{i}", cfg)
+    peft_model.eval().requires_grad_(False)
+    return peft_model
+
+
+def cpu_calls(torch, model, lib, peft_model, names, ids, new_tokens):
+    """(phase, impl) -> a zero-argument call: the mixed batch through each method."""
+    mask = torch.ones_like(ids)
+    gen_kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=32000)
+    return {
+        ("forward", "base"): lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
+        ("forward", "ours"): lambda: lib.forward(names, input_ids=ids, attention_mask=mask, use_cache=False),
+        ("forward", "peft"): lambda: peft_model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                                adapter_names=names),
+        ("generate", "base"): lambda: model.generate(input_ids=ids, **gen_kw),
+        ("generate", "ours"): lambda: lib.generate(ids, names, **gen_kw),
+        ("generate", "peft"): lambda: peft_model.generate(input_ids=ids, adapter_names=names, **gen_kw),
+    }
+
+
+def cpu_check(torch, lib, names, ids):
+    """Mixed-batch logits of two rows == each row's expert alone (before any timing)."""
+    mixed = lib.forward(names, input_ids=ids, use_cache=False).logits
+    for r in (0, len(names) - 1):
+        alone = lib.forward([names[r]], input_ids=ids[r: r + 1], use_cache=False).logits[0]
+        err = float((mixed[r] - alone).norm() / alone.norm())
+        if not err < 1e-4:
+            raise AssertionError(f"row {r} of the mixed batch differs from its expert alone: rel err {err:.3g}")
+
+
+def cpu_case(torch, args, meta, hidden, fmt, n):
+    """One (hidden, format, experts) case: rows for forward and generate of base / ours / peft."""
+    from sparse_engine.serving import AdapterLibrary
+
+    from transformers import Phi3ForCausalLM
+
+    torch.manual_seed(args.seed)
+    model = Phi3ForCausalLM._from_config(cpu_config(hidden, args.layers), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    layers = [name for name, _ in model.named_modules() if name.endswith("qkv_proj")]
+    d_out, d_in = model.get_submodule(layers[0]).weight.shape
+    gen = torch.Generator().manual_seed(args.seed)
+    lib = AdapterLibrary(model)
+    for i in range(n):
+        lib.register(f"a{i}", {layer: cpu_delta(torch, (d_out, d_in), fmt, args.keep, gen) for layer in layers})
+    rank = lora_rank(d_out, d_in, args.keep, fmt)
+    peft_model = shared_peft(torch, model, lib, n, rank)
+    names = [f"a{i}" for i in range(n)]  # every row a different expert
+    ids = torch.randint(3, 32000, (n, args.prompt), generator=gen)
+    with torch.no_grad():
+        cpu_check(torch, lib, names, ids)
+        calls = cpu_calls(torch, model, lib, peft_model, names, ids, args.new_tokens)
+        times = {key: [] for key in calls}
+        for key in calls:  # warm-up
+            calls[key]()
+        for _ in range(args.repeats):  # alternate the methods in every repeat
+            for key, fn in calls.items():
+                t = time.perf_counter()
+                fn()
+                times[key].append((time.perf_counter() - t) * 1e3)
+    load = os.getloadavg()[0]
+    rows = []
+    for phase in ("forward", "generate"):
+        ms = {impl: min(times[(phase, impl)]) for impl in ("base", "ours", "peft")}
+        for impl in ("base", "ours", "peft"):
+            row = dict(meta, level="model", phase=phase, format=fmt, impl=impl, hidden=hidden, layers=args.layers,
+                       batch=n, n_adapters=n, prompt=args.prompt, keep_ratio=args.keep, peft_rank=rank,
+                       d_out=int(d_out), d_in=int(d_in), ms=ms[impl], ms_all=[round(t, 2) for t in times[(phase, impl)]],
+                       repeats=args.repeats, load_avg=load, adapter_bytes=lib.memory()["adapter_bytes"])
+            if phase == "generate":
+                row["new_tokens"] = args.new_tokens
+            row["vs_base"] = ms[impl] / ms["base"]  # time ratio: 1.3 = 30 % slower than the base alone
+            row["vs_peft"] = ms[impl] / ms["peft"]
+            rows.append(row)
+    lib.uninstall()
+    return rows
+
+
+def register_peak(torch, args, meta, fmt, tmpdir):
+    """Peak extra memory (RSS) of ``AdapterLibrary.register`` of a one-layer Phi-3-mini qkv_proj
+    adapter file (9216×3072, keep ``args.keep``) into an empty library, over the file's bytes."""
+    from torch import nn
+
+    from common import PeakMemory
+    from sparse_engine.io import write_adapter
+    from sparse_engine.serving import AdapterLibrary
+
+    shape = (9216, 3072)
+    gen = torch.Generator().manual_seed(args.seed)
+    delta = cpu_delta(torch, shape, fmt, args.keep, gen)
+    path = os.path.join(tmpdir, f"qkv-{fmt}.safetensors")
+    write_adapter(path, {"qkv_proj": delta}, config={}, base_model=None, base_fingerprint=None)
+    file_bytes = os.path.getsize(path)
+    del delta
+    holder = _holder(nn)
+    holder.qkv_proj = nn.Linear(shape[1], shape[0], bias=False)
+    holder.requires_grad_(False)
+    lib = AdapterLibrary(holder)
+    with PeakMemory("cpu") as mem:
+        info = lib.register("a", path)
+    row = dict(meta, level="register", format=fmt, d_out=shape[0], d_in=shape[1], keep_ratio=args.keep,
+               file_bytes=file_bytes, adapter_bytes=info.bytes, peak_bytes=mem.peak,
+               peak_vs_file=None if mem.peak is None else mem.peak / file_bytes, load_avg=os.getloadavg()[0])
+    lib.uninstall()
+    return row
+
+
+def print_cpu_table(rows):
+    print(f"{'hidden':>6s} {'format':>7s} {'experts':>7s} {'phase':>8s} {'base ms':>9s} {'ours ms':>9s} "
+          f"{'peft ms':>9s} {'ours/base':>9s} {'ours/peft':>9s}")
+    cases = {}
+    for r in rows:
+        if r["level"] == "model":
+            cases.setdefault((r["hidden"], r["format"], r["n_adapters"], r["phase"]), {})[r["impl"]] = r["ms"]
+    for (hidden, fmt, n, phase), ms in cases.items():
+        print(f"{hidden:6d} {fmt:>7s} {n:7d} {phase:>8s} {ms['base']:9.1f} {ms['ours']:9.1f} {ms['peft']:9.1f} "
+              f"{ms['ours'] / ms['base']:9.2f} {ms['ours'] / ms['peft']:9.2f}")
+    for r in rows:
+        if r["level"] == "register":
+            peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_vs_file']:.2f}x)"
+            print(f"register {r['format']} {r['d_out']}x{r['d_in']} keep {r['keep_ratio']}: file "
+                  f"{r['file_bytes'] / 2**20:.1f} MiB, peak {peak}")
+
+
+def run_cpu(args):
+    """The CPU table: forward and generate of ours vs PEFT mixed-batch LoRA vs the base alone."""
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    meta = run_metadata("multi_adapter", device="cpu", threads=args.threads, backend="reference",
+                        transformers=_version("transformers"), peft=_version("peft"))
+    rows = []
+    if not args.no_register:
+        with tempfile.TemporaryDirectory() as tmp:
+            for fmt in args.formats:
+                rows += _recorded(args, False, [register_peak(torch, args, meta, fmt, tmp)])
+    for hidden in args.hidden:
+        for n in sorted(args.adapters):
+            for fmt in args.formats:
+                rows += _recorded(args, False, cpu_case(torch, args, meta, hidden, fmt, n))
+                print_cpu_table([r for r in rows if r["level"] == "model"][-6:])
+    print(f"\ndevice {meta['device']}, {args.threads} thread(s), load average now {os.getloadavg()[0]:.2f}; "
+          f"times: min of {args.repeats} alternated repeats; every row of a batch a different expert")
+    print_cpu_table(rows)
+    if not args.no_record:
+        print(f"appended {len(rows)} rows to {args.results}")
+    return 0
+
+
+def _version(module):
+    import importlib.metadata
+
+    return importlib.metadata.version(module)
+
+
 # ------------------------------------------------------------------- smoke / compile
 
 
@@ -707,6 +926,9 @@ def main(argv=None):
         return run_compile_check(args)
     if args.smoke:
         return run_smoke(args)
+    if args.cpu:
+        reexec_with_fixed_mmap_threshold(__file__)  # before torch: CPU peak RSS needs it
+        return run_cpu(args)
     import torch
 
     if not torch.cuda.is_available():

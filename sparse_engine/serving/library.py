@@ -95,6 +95,8 @@ class AdapterLibrary:
         self.max_bytes = max_bytes
         self.check_base = check_base
         self.block_m = block_m
+        # the reference path (torch sparse matrices) reads int32 column ids without a copy
+        self._int32_cols = backend == "reference" or (backend == "auto" and self.device.type != "cuda")
         self._adapters: dict[str, AdapterInfo] = {}
         self._pools: dict[str, LayerPool] = {}
         self._wrapped: dict[str, MultiAdapterLinear] = {}
@@ -220,7 +222,8 @@ class AdapterLibrary:
         capacity grows, larger pointer tables for the untouched layers too."""
         staged = []
         for layer, delta in deltas.items():
-            pool = self._pools.get(layer) or LayerPool(layer, shapes[layer], self.device, self.dtype)
+            pool = self._pools.get(layer) or LayerPool(layer, shapes[layer], self.device, self.dtype,
+                                                      int32_cols=self._int32_cols)
             staged.append(pool.stage(slot, delta, slot_cap, exact))
         if slot_cap > self._slot_cap:
             for layer, pool in self._pools.items():

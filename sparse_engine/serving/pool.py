@@ -27,7 +27,8 @@ class LayerPool:
     """Packed storage of every adapter's delta of one layer (see ``kernels/multi_adapter.py``).
 
     Block pool ``blocks [cap, B, B]`` + ``block_cols int32``; element pool ``values [cap]`` +
-    ``cols`` (int16 when ``d_in < 2**15``); CSR row pointers per slot (absolute offsets),
+    ``cols`` (int16 when ``d_in < 2**15`` and the Triton kernels read the pool; int32 for the
+    reference path, ``int32_cols``, whose torch sparse matrices take int32 ids as they are); CSR row pointers per slot (absolute offsets),
     ``blk_ptr [slot_cap, d_out/B + 1]`` and ``el_ptr [slot_cap, d_out + 1]``. A format's pointer
     table exists only while the layer holds an adapter of that format (``None`` otherwise): an
     element table is 4·(d_out + 1) bytes per slot, 37 kB per slot at Phi-3's qkv, and a library
@@ -39,7 +40,7 @@ class LayerPool:
     _BUFFERS: ClassVar[dict[str, tuple[str, str]]] = {BLOCK: ("blocks", "block_cols"), ELEMENT: ("values", "cols")}
     _TENSORS = (*_BUFFERS[BLOCK], *_BUFFERS[ELEMENT], *_TABLES.values())
 
-    def __init__(self, name: str, shape: tuple[int, int], device, dtype):
+    def __init__(self, name: str, shape: tuple[int, int], device, dtype, int32_cols: bool = False):
         self.name = name
         self.shape = shape
         self.device = device
@@ -47,7 +48,7 @@ class LayerPool:
         d_out, d_in = shape
         bs = SUPPORTED_BLOCK_SIZE
         self.n_rb = d_out // bs
-        self.col_dtype = torch.int16 if d_in < 2**15 else torch.int32
+        self.col_dtype = torch.int32 if int32_cols or d_in >= 2**15 else torch.int16
         self.n_blocks = 0
         self.n_values = 0
         self.blk_ptr: torch.Tensor | None = None
