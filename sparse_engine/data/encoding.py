@@ -25,8 +25,10 @@ def _bos(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
-def encode_example(tokenizer, example: Example, max_length: int) -> dict[str, list[int]]:
-    """``[bos] prompt target [eos]`` with labels -100 on ``[bos] prompt``.
+def encode_example(tokenizer, example: Example, max_length: int, *,
+                   loss_on_prompt: bool = False) -> dict[str, list[int]]:
+    """``[bos] prompt target [eos]`` with labels -100 on ``[bos] prompt`` (on ``[bos]`` only
+    with ``loss_on_prompt``: language-model pretraining learns the prompts' text too).
 
     Prompt and target are tokenized separately (no special tokens) and concatenated.
     Truncation, when ``1 + len(prompt) + len(target) + 1 > max_length``:
@@ -52,7 +54,7 @@ def encode_example(tokenizer, example: Example, max_length: int) -> dict[str, li
         keep = budget - len(answer)
         prompt = prompt[len(prompt) - keep:] if keep > 0 else []
     input_ids = bos + prompt + answer
-    labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + answer
+    labels = [IGNORE_INDEX] * len(bos) + (prompt if loss_on_prompt else [IGNORE_INDEX] * len(prompt)) + answer
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
 
 
@@ -115,11 +117,13 @@ class TokenizedDataset(torch.utils.data.Dataset):
     """Examples encoded once with :func:`encode_example`; items are dicts of lists. Warns
     (:class:`UnknownTokenWarning`) when the tokenizer cannot read the examples' text."""
 
-    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int = 128):
+    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int = 128, *,
+                 loss_on_prompt: bool = False):
         if len(examples) == 0:
             raise ValueError("TokenizedDataset: no examples")
         self.max_length = int(max_length)
-        self.items = [encode_example(tokenizer, ex, self.max_length) for ex in examples]
+        self.items = [encode_example(tokenizer, ex, self.max_length, loss_on_prompt=loss_on_prompt)
+                      for ex in examples]
         self.unknown_rate = warn_unknown_tokens(tokenizer, (it["input_ids"] for it in self.items),
                                                 _describe(examples))
 
