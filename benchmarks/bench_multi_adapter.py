@@ -627,7 +627,7 @@ def cpu_config(hidden, layers):
     """A Phi-3-mini-shaped config of width ``hidden`` (3072: Phi-3-mini; MLP and heads scaled)."""
     from transformers import Phi3Config
 
-    heads = max(1, hidden // 96)
+    heads = hidden // (96 if hidden % 96 == 0 else 64)  # Phi-3's head size 96 where it divides the width
     inter = 16 * round(hidden * 8 / 3 / 16)
     return Phi3Config(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
@@ -873,16 +873,17 @@ def run_compile_check(args):
         print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
         return 1
     jobs = []
+    kern, configs = ma.jit_kernels(), ma.autotune_configs()
     for bm in (16, 32, 64, 128):
-        for cfg in ma._multi_block_kernel.configs:
-            jobs.append((f"block BM{bm} KG{cfg.kwargs['KG']} R{cfg.kwargs['ROWS']}", ma._multi_block_kernel,
+        for cfg in configs["block"]:
+            jobs.append((f"block BM{bm} KG{cfg.kwargs['KG']} R{cfg.kwargs['ROWS']}", kern["block"],
                          {"x_ptr": "*bf16", "out_ptr": "*bf16", "tok_ptr": "*i32", "tile_ptr": "*i32",
                           "row_ptr_ptr": "*i32", "cols_ptr": "*i32", "blk_ptr": "*bf16"},
                          dict(B=16, BLOCK_M=bm, IEEE=False, UPCAST=False, stride_xk=1, stride_on=1, stride_bc=1), cfg))
-        for cfg in ma._multi_element_kernel.configs:
+        for cfg in configs["element"]:
             if not ma.element_config_fits(bm, cfg):  # pruned at run time as well
                 continue
-            jobs.append((f"element BM{bm} BN{cfg.kwargs['BLOCK_N']}", ma._multi_element_kernel,
+            jobs.append((f"element BM{bm} BN{cfg.kwargs['BLOCK_N']}", kern["element"],
                          {"x_ptr": "*bf16", "out_ptr": "*bf16", "tok_ptr": "*i32", "tile_ptr": "*i32",
                           "row_ptr_ptr": "*i32", "cols_ptr": "*i16", "val_ptr": "*bf16"},
                          dict(BLOCK_M=bm, UPCAST=False, stride_xk=1, stride_on=1), cfg))
