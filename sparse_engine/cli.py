@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--update-interval", type=int, default=20,
                       help="mask update interval in steps (default: %(default)s, the paper's 100 scaled to the demo's epoch)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace a demo --out holds from a run with other settings (default: refuse)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="train one expert per task (built-in suite, FLAN-format files, or a local Phi-3)",
@@ -157,6 +159,10 @@ def _add_merge_parser(sub) -> None:
     merge.add_argument("--model-out", default=None,
                        help="also write the merged full model (base weights + merge) to this directory")
     merge.add_argument("--model", default=None, help="base checkpoint for --model-out (default: the built-in tiny Phi-3)")
+    merge.add_argument("--no-check-base", action="store_true",
+                       help="--model-out: apply the merge even if its experts were trained on another base model")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out file / --model-out directory (default: refuse)")
     merge.add_argument("--cache-dir", default=None, help="built-in base model cache")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -170,15 +176,25 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--adapter", default=None, help="adapter / expert / merged file (default: evaluate the base model)")
     ev.add_argument("--routed", default=None, metavar="DIR",
                     help="routed experts instead of one model: each held-in request goes to its own expert "
-                         "DIR/<task>-<method>.safetensors, all in mixed batches (built-in tasks)")
+                         "DIR/<task>-<method>.safetensors, all in mixed batches (built-in tasks, or --data's)")
     ev.add_argument("--routed-method", default="sparse", choices=["sparse", "block"],
                     help="which experts --routed serves (default: %(default)s)")
     ev.add_argument("--model", default=None, help="local base checkpoint (default: the built-in tiny Phi-3)")
-    ev.add_argument("--held-in", nargs="*", default=None, help="held-in tasks (default: the 20 built-in held-in tasks)")
-    ev.add_argument("--held-out", nargs="*", default=None, help="held-out tasks (default: the 10 built-in held-out tasks)")
+    ev.add_argument("--held-in", nargs="*", default=None,
+                    help="held-in tasks (default: the 20 built-in held-in tasks; with --data every task in it)")
+    ev.add_argument("--held-out", nargs="*", default=None,
+                    help="held-out tasks (default: the 10 built-in held-out tasks; with --data none)")
     ev.add_argument("--data", nargs="+", default=None, help="FLAN-format files or a dataset name (default: built-in tasks)")
-    ev.add_argument("--n-test", type=int, default=100, help="built-in tasks: test examples per task (default: %(default)s)")
-    ev.add_argument("--max-examples-per-task", type=int, default=None, help="--data: sub-sample each task")
+    ev.add_argument("--n-test", type=_positive(int), default=None,
+                    help="test examples per task (default: 100 built-in; with --data every test row, else a "
+                         "sample of N)")
+    ev.add_argument("--max-examples-per-task", type=_positive(int), default=None,
+                    help="--data: sub-sample each task's rows to N before the split into train/validation/test")
+    ev.add_argument("--no-check-base", action="store_true",
+                    help="apply --adapter / --routed experts even if they were trained on another base model")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace scores --out's results.json holds for the same model and task measured with other "
+                         "settings (default: refuse)")
     ev.add_argument("--max-length", type=_positive(int), default=None, help="prompt tokens (default: 48 built-in, 1024 otherwise)")
     ev.add_argument("--max-new-tokens", type=_positive(int), default=None, help="generation length (default: 16 built-in, 128 otherwise)")
     ev.add_argument("--batch-size", type=int, default=100, help="generation batch size (default: %(default)s)")
@@ -215,6 +231,9 @@ def _add_reproduce_parser(sub) -> None:
                      help="table4: epochs of continued multitask training (default: 1 5)")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--cache-dir", default=None, help="built-in base model cache")
+    rep.add_argument("--overwrite", action="store_true",
+                     help="replace tables --out holds from a run with other settings (default: refuse; a rerun "
+                          "with the same settings continues from the experts already trained)")
     rep.add_argument("--no-progress", action="store_true", help="no progress output")
 
 
@@ -231,6 +250,12 @@ def _cmd_merge(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must be a .safetensors file, got {out}")
+    if not args.overwrite:
+        if out.exists():
+            raise ValueError(f"--out {out} exists (an earlier merge?); pass --overwrite to replace it, or another --out")
+        if args.model_out and Path(args.model_out).is_dir() and any(Path(args.model_out).iterdir()):
+            raise ValueError(f"--model-out {args.model_out} holds files; pass --overwrite to replace them, or another "
+                             "--model-out")
     experts = [load_expert(p) for p in args.experts]
     start = time.perf_counter()
     merged = merge_experts(experts, method, weights=args.weights, basis=args.basis, output=args.output,
@@ -239,7 +264,9 @@ def _cmd_merge(args) -> int:
     model = None
     if args.model_out:
         model, tokenizer = _load_model(args)
-        apply_merged(model, merged, safe_merge=not args.no_safe_merge)
+        for expert in experts:  # the base check worded for the command line
+            _check_same_base(expert, model, expert.meta.get("file", expert.name), args)
+        apply_merged(model, merged, safe_merge=not args.no_safe_merge, check_base=not args.no_check_base)
     path = save_merged(merged, out)
     kind = merged.output_kind  # says why a merge of sparse experts is dense (they mixed kinds)
     print(f"merged {len(experts)} experts with {merged.method} {merged.params} in {seconds:.2f} s")
@@ -254,81 +281,158 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from sparse_engine import data, evaluation
-    from sparse_engine.experiments.reports import evaluate_held, write_report
+    from sparse_engine.experiments import results as result_files
+    from sparse_engine.experiments.reports import evaluate_held
     from sparse_engine.merging import apply_merged, load_expert
 
-    if args.n_test < 1 or args.batch_size < 1:
-        raise ValueError("--n-test and --batch-size must be >= 1")
-    if args.routed is not None:  # default tasks: every held-in task with an expert file
-        return _routed_eval(args, None if args.held_in is None else list(args.held_in))
-    held_in = list(data.HELD_IN) if args.held_in is None else list(args.held_in)
-    held_out = list(data.HELD_OUT) if args.held_out is None else list(args.held_out)
-    if not held_in and not held_out:
-        raise ValueError("no tasks to evaluate (--held-in and --held-out are both empty)")
-    builtin = args.data is None
-    if builtin:
-        known = set(data.list_builtin_tasks())
-        unknown = [t for t in held_in + held_out if t not in known]
-        if unknown:
-            raise ValueError(f"unknown built-in task(s) {unknown}; see `sparse-engine tasks` (or pass --data)")
-        tasks = {t: data.builtin_task_data(t, n_train=0, n_validation=0, n_test=args.n_test, seed=args.seed)
-                 for t in held_in + held_out}
-    else:
-        tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=held_in + held_out,
-                               max_examples_per_task=args.max_examples_per_task, seed=args.seed)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.routed is not None:
+        return _routed_eval(args)
+    tasks = _eval_tasks(args, args.held_in, args.held_out)
+    builtin_in, builtin_out = _builtin_groups()
+    held_out = list(args.held_out) if args.held_out is not None else ([] if args.data else list(builtin_out))
+    if args.held_in is not None:
+        held_in = list(args.held_in)
+    else:  # --data: every task in it that is not held out
+        held_in = list(builtin_in) if args.data is None else [t for t in tasks if t not in held_out]
+    gen = _eval_generation(args)
+    label = args.adapter or "base model"
+    entries = [{"evaluated": label, "group": g, "task": t, "settings": _eval_settings(args, gen)}
+               for g, names in (("held_in", held_in), ("held_out", held_out)) for t in names]
+    result_files.check_eval_results(args.out, entries, args.overwrite)
     expert = load_expert(args.adapter) if args.adapter else None
     model, tokenizer = _load_model(args)
     if expert is not None:
-        apply_merged(model, expert)
-    gen = {"max_new_tokens": args.max_new_tokens or (16 if builtin else 128),
-           "max_length": args.max_length or (48 if builtin and args.model is None else 1024),
-           "batch_size": args.batch_size, "progress": not args.no_progress}
+        _check_same_base(expert, model, args.adapter, args)
+        apply_merged(model, expert, check_base=not args.no_check_base)
     start = time.perf_counter()
-    result = evaluate_held(model, tokenizer, {t: tasks[t] for t in held_in},
-                                    {t: tasks[t] for t in held_out}, **gen)
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    result["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
-    rows = [{"group": g, "task": t, "Rouge-L": round(v, 2)} for g in ("held_in", "held_out")
-            for t, v in result[g].items()]
-    rows += [{"group": g, "task": "mean", "Rouge-L": round(result[f"{g}_mean"], 2)}
-             for g in ("held_in", "held_out") if result[f"{g}_mean"] is not None]
+    result = evaluate_held(model, tokenizer, {t: tasks[t] for t in held_in}, {t: tasks[t] for t in held_out},
+                           **gen, progress=not args.no_progress)
+    for e in entries:
+        e["Rouge-L"] = result[e["group"]][e["task"]]
+    return _write_eval(args, entries, time.perf_counter() - start, f"Rouge-L of {label}")
+
+
+def _builtin_groups():
+    from sparse_engine import data
+
+    return data.HELD_IN, data.HELD_OUT
+
+
+def _eval_tasks(args, held_in, held_out) -> dict:
+    """The test splits ``eval`` scores: the built-in tasks named (default: held-in and held-out),
+    or with --data the tasks named (default: every task in it)."""
+    from sparse_engine import data
+
+    names = list(held_in if held_in is not None else ([] if args.data else data.HELD_IN))
+    names += list(held_out if held_out is not None else ([] if args.data else data.HELD_OUT))
+    if args.data is None:
+        if not names:
+            raise ValueError("no tasks to evaluate (--held-in and --held-out are both empty)")
+        unknown = [t for t in names if t not in set(data.list_builtin_tasks())]
+        if unknown:
+            raise ValueError(f"unknown built-in task(s) {unknown}; see `sparse-engine tasks` (or pass --data)")
+        return {t: data.builtin_task_data(t, n_train=0, n_validation=0, n_test=args.n_test or 100, seed=args.seed)
+                for t in dict.fromkeys(names)}
+    if held_in is not None and held_out is not None and not names:
+        raise ValueError("no tasks to evaluate (--held-in and --held-out are both empty)")
+    # no --held-in: every task of the data
+    return data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=None if held_in is None else names,
+                          max_examples_per_task=args.max_examples_per_task, n_test=args.n_test, seed=args.seed)
+
+
+def _eval_generation(args) -> dict:
+    builtin = args.data is None
+    return {"max_new_tokens": args.max_new_tokens or (16 if builtin else 128),
+            "max_length": args.max_length or (48 if builtin and args.model is None else 1024),
+            "batch_size": args.batch_size}
+
+
+def _eval_settings(args, gen: dict) -> dict:
+    """What a score depends on besides the model: a score measured with other settings is another
+    measurement (refused in place of an earlier one without --overwrite)."""
+    return {"model": args.model or "built-in", "data": args.data, "n_test": args.n_test,
+            "max_examples_per_task": args.max_examples_per_task, "seed": args.seed,
+            "max_length": gen["max_length"], "max_new_tokens": gen["max_new_tokens"]}
+
+
+def _check_same_base(expert, model, path, args) -> None:
+    """apply_merged's base-model check, worded for the command line (its flag, not check_base=False)."""
+    from sparse_engine.merging.expert import plain_base_fingerprint, targets_of
+
+    if args.no_check_base or not expert.base_fingerprint:
+        return
+    try:
+        mine = plain_base_fingerprint(model, targets_of(expert))
+    except ValueError:  # the model lacks the expert's target layers: apply_merged names them
+        return
+    if mine != expert.base_fingerprint:
+        raise ValueError(f"{path} was trained on another base model ({expert.base_model!r}) than "
+                         f"{args.model or 'the built-in base'}; pass the --model it was trained on, or "
+                         "--no-check-base to apply it anyway")
+
+
+def _write_eval(args, entries, seconds: float, what: str) -> int:
+    from sparse_engine import evaluation
+    from sparse_engine.experiments import results as result_files
+
+    run = {"evaluated": entries[0]["evaluated"], "seconds": round(seconds, 1),
+           "settings": {k: v for k, v in vars(args).items() if k != "func"}}
     out = Path(args.out)
-    write_report(out, "results", result, rows, ["group", "task", "Rouge-L"],
-                          title=f"Rouge-L of {args.adapter or 'the base model'}")
+    result_files.write_eval_results(out, entries, run, args.overwrite)
+    rows = [{"group": e["group"], "task": e["task"], "Rouge-L": round(e["Rouge-L"], 2)} for e in entries]
+    print(f"{what}:")
     print(evaluation.markdown_table(rows, ["group", "task", "Rouge-L"]))
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
+    print(f"\nresults (added to what --out held): {out / 'results.json'}, {out / 'results.md'}")
     return 0
 
 
-def _routed_eval(args, held_in) -> int:
-    from sparse_engine import evaluation
+def _routed_eval(args) -> int:
+    from sparse_engine.experiments import results as result_files
     from sparse_engine.experiments.routed import run_routed_eval
+    from sparse_engine.merging import load_expert
 
-    if args.data is not None or args.adapter is not None:
-        raise ValueError("--routed serves the built-in held-in tasks' experts; it takes neither --data nor --adapter")
+    if args.adapter is not None or args.held_out:
+        raise ValueError("--routed serves held-in tasks' experts, each on its own task: it takes neither --adapter "
+                         "nor --held-out")
     if not Path(args.routed).is_dir():
         raise FileNotFoundError(f"--routed {args.routed}: no such directory")
+    suite = None if args.data is None else _eval_tasks(args, args.held_in, [])
+    gen = _eval_generation(args)
+    label = f"routed {args.routed_method} experts in {args.routed}"
+    names = args.held_in or [t for t in (suite or _builtin_groups()[0])
+                             if (Path(args.routed) / f"{t}-{args.routed_method}.safetensors").is_file()]
+    entries = [{"evaluated": label, "group": "held_in", "task": t, "settings": _eval_settings(args, gen)}
+               for t in names]
+    result_files.check_eval_results(args.out, entries, args.overwrite)
     model, tokenizer = _load_model(args)
-    result = run_routed_eval(args.routed, method=args.routed_method, tasks=held_in or None, n_test=args.n_test,
-                             seed=args.seed, model=model, tokenizer=tokenizer, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens or 16, max_length=args.max_length or 48,
-                             progress=not args.no_progress)
-    rows = [{"task": t, "expert": Path(result["adapters"][t]).name, "Rouge-L": round(v, 2)}
-            for t, v in result["scores"].items()]
-    rows.append({"task": "mean", "expert": f"routed {args.routed_method}", "Rouge-L": round(result["mean"], 2)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    evaluation.write_results_json(out / "results.json", result)
-    table = evaluation.markdown_table(rows, ["task", "expert", "Rouge-L"])
-    (out / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
-    return 0
+    for t in names:  # the base check worded for the command line, before any expert is served
+        path = Path(args.routed) / f"{t}-{args.routed_method}.safetensors"
+        if path.is_file():
+            _check_same_base(load_expert(path), model, path, args)
+    start = time.perf_counter()
+    result = run_routed_eval(args.routed, method=args.routed_method, tasks=names or None,
+                             n_test=args.n_test or 100, seed=args.seed, model=model, tokenizer=tokenizer,
+                             batch_size=args.batch_size, max_new_tokens=gen["max_new_tokens"],
+                             max_length=gen["max_length"], progress=not args.no_progress, suite=suite,
+                             check_base=not args.no_check_base)
+    entries = [dict(e, **{"Rouge-L": result["scores"][e["task"]], "expert": result["adapters"][e["task"]]})
+               for e in entries if e["task"] in result["scores"]]
+    return _write_eval(args, entries, time.perf_counter() - start, label)
+
+
+def _reproduce_settings(setup: dict, fig6: dict, name: str) -> dict:
+    """What a reproduce table depends on: its setup (not where or how verbosely it ran), and fig6's N's."""
+    settings = {k: v for k, v in setup.items() if k not in ("out_dir", "progress", "cache_dir")}
+    if name == "fig6":
+        settings.update(ns=fig6.get("ns"), trials=fig6.get("trials"))
+    return settings
 
 
 def _cmd_reproduce(args, ranks=None) -> int:
     from sparse_engine.experiments import analysis
+    from sparse_engine.experiments import results as result_files
     from sparse_engine.experiments.ranks import Ranks
 
     ranks = ranks or Ranks()
@@ -351,6 +455,11 @@ def _cmd_reproduce(args, ranks=None) -> int:
         setup = analysis.PaperSetup(**kwargs)
         if args.what in ("fig6", "all") and not [n for n in args.ns if 1 <= n <= len(setup.held_in)]:
             raise ValueError(f"--ns: no value in [1, {len(setup.held_in)}]")
+        for name in analysis.RUNNERS if args.what == "all" else [args.what]:
+            settings = _reproduce_settings(setup.to_dict(), {"ns": args.ns, "trials": args.trials}, name)
+            result_files.check_same_settings(Path(args.out) / f"{name}.json", settings,
+                                             lambda report: _reproduce_settings(report.get("setup", {}), report, name),
+                                             args.overwrite)
         return setup
 
     setup = ranks.run(prepare)
@@ -364,11 +473,22 @@ def _cmd_reproduce(args, ranks=None) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from sparse_engine.experiments import results as result_files
     from sparse_engine.experiments.experts import DEMO_TASKS, METHODS, run_demo
 
-    results = run_demo(tasks=tuple(args.tasks or DEMO_TASKS), n_train=args.n_train, n_test=args.n_test,
+    tasks, methods = list(args.tasks or DEMO_TASKS), list(args.methods or METHODS)
+    mine = {"tasks": tasks, "methods": methods, "n_train": args.n_train, "n_test": args.n_test, "epochs": args.epochs,
+            "update_interval": args.update_interval, "seed": args.seed}
+    result_files.check_kind(Path(args.out) / "results.json", "rows", "demo", args.overwrite)
+    result_files.check_same_settings(
+        Path(args.out) / "results.json", mine,
+        lambda report: {"tasks": report.get("tasks"), "methods": report.get("methods"),
+                        **{k: report.get("settings", {}).get(k) for k in mine if k not in ("tasks", "methods")}},
+        args.overwrite)
+
+    results = run_demo(tasks=tuple(tasks), n_train=args.n_train, n_test=args.n_test,
                        epochs=args.epochs, update_interval=args.update_interval,
-                       methods=tuple(args.methods or METHODS), out_dir=args.out, cache_dir=args.cache_dir,
+                       methods=tuple(methods), out_dir=args.out, cache_dir=args.cache_dir,
                        seed=args.seed, progress=not args.no_progress)
     print()
     print(f"Single-task Rouge-L on the built-in suite ({len(results['tasks'])} tasks, {results['settings']['n_test']} "
@@ -376,6 +496,22 @@ def _cmd_demo(args) -> int:
     print(results["table"])
     print(f"\nresults: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}")
     return 0
+
+
+def _within_positions(model, max_length: int, given: bool) -> int:
+    """Training sequences no longer than the model's positions: a default is cut to fit (with a
+    note), a --max-length beyond them is refused."""
+    from sparse_engine.evaluation import model_positions
+
+    positions = model_positions(model)
+    if positions is None or max_length <= positions:
+        return max_length
+    if given:
+        raise ValueError(f"--max-length {max_length} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings); use --max-length {positions} or less")
+    print(f"note: training sequences cut to the model's {positions} positions (default max length {max_length})",
+          file=sys.stderr)
+    return positions
 
 
 def _load_model(args):
@@ -441,6 +577,7 @@ def _cmd_train(args, ranks=None) -> int:
                                    max_examples_per_task=args.max_examples_per_task, n_train=args.n_train,
                                    n_test=args.n_test, seed=args.seed)
         check_split(len(tasks), ranks, args.data_parallel)
+        result_files.check_kind(out / "results.json", "experts", "train")  # merged into, never replaced
         stale = check_expert_outputs(adapters_dir, checkpoints_dir, tasks, args.method, resume=args.resume,
                                      overwrite=args.overwrite)
         return adapter, training, tasks, stale
@@ -455,6 +592,7 @@ def _cmd_train(args, ranks=None) -> int:
     # the built-in base: rank 0 builds a missing one (once), then the others read it from the cache
     load = ranks.main_first if args.model is None else ranks.run
     model, tokenizer = load(lambda: _load_model(args))
+    max_length = _within_positions(model, max_length, given=args.max_length is not None)
     # --overwrite: an earlier run's checkpoint must not be resumed later in place of this run's
     ranks.run(lambda: [p.unlink(missing_ok=True) for p in stale] if ranks.is_main else None)
     spec = ExpertSpec(method=args.method, adapter=adapter, training=training, max_length=max_length,

@@ -92,13 +92,14 @@ def test_train_on_flan_files_and_a_local_checkpoint(tmp_path, tiny_base_dir):
                  "reverse_words", "--n-test", "4", "--out", str(routed), "--no-progress"])
     assert code == 0
     saved = json.loads((routed / "results.json").read_text())
-    assert list(saved["scores"]) == ["reverse_words"]
-    assert 0.0 <= saved["mean"] <= 100.0
+    assert [(e["group"], e["task"]) for e in saved["entries"]] == [("held_in", "reverse_words")]
+    assert 0.0 <= saved["means"][0]["Rouge-L"] <= 100.0
     # without --held-in: every held-in task that has an expert file (here one of twenty)
     code = main(["eval", "--routed", str(out / "adapters"), "--model", str(tiny_base_dir), "--n-test", "4",
                  "--out", str(tmp_path / "routed_default"), "--no-progress"])
     assert code == 0
-    assert list(json.loads((tmp_path / "routed_default" / "results.json").read_text())["scores"]) == ["reverse_words"]
+    saved = json.loads((tmp_path / "routed_default" / "results.json").read_text())
+    assert [e["task"] for e in saved["entries"]] == ["reverse_words"]
     assert oct((out / "results.json").stat().st_mode & 0o777) != oct(0o600)  # not the temp file's private mode
 
 
