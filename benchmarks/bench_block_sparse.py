@@ -146,23 +146,24 @@ def run_compile_check(args):
     div16 = ("P", "Q", "n_out_blocks", "n_rb")
 
     ptr = f"*{dt}"
+    kern, configs = bsk.jit_kernels(), bsk.autotune_configs()
     jobs = []
-    for cfg in bsk._dsd_kernel.configs:
+    for cfg in configs["dsd"]:
         for name, extra in (("dsd fwd", {"stride_bt": 1}), ("dsd dx ", {"stride_bo": 1})):
-            jobs.append((f"{name} BM{cfg.kwargs['BLOCK_M']:<3d} KG{cfg.kwargs['KG']} C{cfg.kwargs['COLS']}", bsk._dsd_kernel,
+            jobs.append((f"{name} BM{cfg.kwargs['BLOCK_M']:<3d} KG{cfg.kwargs['KG']} C{cfg.kwargs['COLS']}", kern["dsd"],
                          {"a_ptr": ptr, "blk_ptr": "*fp32", "ptr_ptr": "*i32", "slot_ptr": "*i32",
                           "other_ptr": "*i32", "c_ptr": ptr},
                          dict(B=16, ACCUMULATE=False, IEEE=False, UPCAST=False, stride_ak=1, stride_cn=1, **extra), cfg))
-    for cfg in bsk._sdd_kernel.configs:
-        jobs.append((f"sdd BK{cfg.kwargs['BLOCK_K']}", bsk._sdd_kernel,
+    for cfg in configs["sdd"]:
+        jobs.append((f"sdd BK{cfg.kwargs['BLOCK_K']}", kern["sdd"],
                      {"dy_ptr": ptr, "x_ptr": ptr, "row_ptr_ptr": "*i32", "chunk_ptr_ptr": "*i32",
                       "cols_ptr": "*i32", "c_ptr": "*fp32"},
                      dict(B=16, KG=4, ACCUMULATE=False, IEEE=False, UPCAST=False, stride_dn=1, stride_xk=1,
                           stride_ct=1), cfg))
-    for cfg in bsk._fused_kernel.configs:
+    for cfg in configs["fused"]:
         kw = cfg.kwargs
         for name, extra in (("fused fwd", {"stride_wq": 1, "stride_bq": 1}), ("fused dx ", {"stride_wp": 1, "stride_bp": 1})):
-            jobs.append((f"{name} {kw['BLOCK_P']}x{kw['BLOCK_M']}x{kw['BLOCK_Q']}", bsk._fused_kernel,
+            jobs.append((f"{name} {kw['BLOCK_P']}x{kw['BLOCK_M']}x{kw['BLOCK_Q']}", kern["fused"],
                          {"a_ptr": ptr, "w_ptr": ptr, "blk_ptr": "*fp32", "slot_ptr": "*i32", "bias_ptr": ptr,
                           "c_ptr": ptr},
                          dict(B=16, HAS_BIAS=True, IEEE=False, UPCAST=False, stride_aq=1, stride_cp=1, **extra), cfg))

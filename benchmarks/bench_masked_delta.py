@@ -390,16 +390,17 @@ def compile_report(arch: int = 90, d_in: int = 3072, d_out: int = 9216, tokens: 
               f"  regs={regs:>3s} stack={stack:>4s} smem={smem:6d} HGMMA={sass.count('HGMMA')} HMMA={sass.count('HMMA')}{warn}",
               flush=True)
 
+    kern = md.jit_kernels()
     x = "*bf16"
     for mode in (1, 2):
         m = "*u8" if mode == 1 else "*i8"
         sd = (K, 1) if mode == 1 else (0, 0)
         for cfg in md.GPU_FWD_CONFIGS:
-            comp(md._fwd_kernel, dict(x_ptr=x, w_ptr=x, d_ptr="*fp32", m_ptr=m, off_ptr="*i32", b_ptr=x, y_ptr=x),
+            comp(kern["fwd"], dict(x_ptr=x, w_ptr=x, d_ptr="*fp32", m_ptr=m, off_ptr="*i32", b_ptr=x, y_ptr=x),
                  dict(M=M, N=N, K=K, n_tiles=K // 64, M_KEY=M, s_xm=K, s_xk=1, s_wn=K, s_wk=1, s_dn=sd[0], s_dk=sd[1],
                       s_mn=K, s_mk=1, s_ym=N, s_yn=1), dict(MODE=mode, HAS_BIAS=True, **flags), cfg, f"fwd mode{mode}")
         for cfg in md.GPU_DX_CONFIGS:
-            comp(md._dx_kernel, dict(dy_ptr=x, w_ptr=x, d_ptr="*fp32", m_ptr=m, off_ptr="*i32", dx_ptr=x),
+            comp(kern["dx"], dict(dy_ptr=x, w_ptr=x, d_ptr="*fp32", m_ptr=m, off_ptr="*i32", dx_ptr=x),
                  dict(M=M, N=N, K=K, n_tiles=K // 64, M_KEY=M, s_gm=N, s_gn=1, s_wn=K, s_wk=1, s_dn=sd[0], s_dk=sd[1],
                       s_mn=K, s_mk=1, s_xm=K, s_xk=1), dict(MODE=mode, **flags), cfg, f"dx mode{mode}")
     st = md.GPU_SCORE_TILE
@@ -407,7 +408,7 @@ def compile_report(arch: int = 90, d_in: int = 3072, d_out: int = 9216, tokens: 
                               num_warps=st["num_warps"], num_stages=st["num_stages"])
     for epi in range(6):
         for cfg in (md.GPU_GT_CONFIGS if epi < 2 else [score_cfg]):
-            comp(md._gt_kernel,
+            comp(kern["gt"],
                  dict(dy_ptr=x, x_ptr=x, d_ptr="*fp32", m_ptr="*i8" if epi == 1 else "*u8", off_ptr="*i32",
                       out_ptr="*i32" if epi >= 4 else "*fp32", out2_ptr="*i32"),
                  dict(M=M, N=N, K=K, n_tiles=K // 64, n_words=K // 32, thresh=5, prefix=3, M_KEY=M, s_gm=N, s_gn=1,

@@ -40,6 +40,7 @@ one layer against ``torch.topk`` and ``torch.kthvalue``; it prints and records n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -103,9 +104,10 @@ def run_compile_check(layers: int) -> int:
     if sys.modules[tk.__package__ + ".runtime"].INTERPRET:
         print("compile-check: kernels were defined in interpreter mode; unset TRITON_INTERPRET")
         return 1
+    runtime = sys.modules[tk.__package__ + ".runtime"]
     cfg = tk.DEFAULT_CONFIG
-    maxl = max(2, tk._pow2(layers))
-    common = dict(MAXL=maxl, NF=tk._NF)
+    kern = tk.jit_kernels()
+    common = dict(MAXL=max(2, runtime.pow2(layers)))
     i64, i32 = "*i64", "*i32"
     # (label, KIND, ADT, BDT, K16, a/b pointer types): what the benchmark's sources hand over
     inputs = [("fp32 scores", 0, 0, 0, False, "*fp32", "*fp32"),
@@ -114,47 +116,47 @@ def run_compile_check(layers: int) -> int:
               ("bf16 W,G mcs", 1, 2, 2, False, "*i16", "*i16")]
     jobs = []
 
-    def job(label, kernel, types, consts, warps):
-        jobs.append((label, kernel, types, consts, triton.Config({}, num_warps=warps, num_stages=1)))
+    def job(label, name, types, consts, warps):
+        jobs.append((label, kern[name], types, consts, triton.Config({}, num_warps=warps, num_stages=1)))
 
     for name, kind, adt, bdt, k16, at, bt in inputs:
         src = dict(KIND=kind, ADT=adt, BDT=bdt, AAL=16, BAL=16)  # separate allocations: aligned offsets
         kdt = "*i16" if k16 else i32
         ab = {"a_ptr": at, "b_ptr": bt, "meta_ptr": i64}
-        job(f"sample   {name}", tk._sample_kernel, {**ab, "keys_ptr": kdt},
+        job(f"sample   {name}", "sample", {**ab, "keys_ptr": kdt},
             dict(SC=cfg.sample_chunk, CPP=cfg.chunks_per_program, K16=k16, **common, **src), 4)
         bits = 0 if k16 else 1  # the single-read path is for 32-bit keys
-        job(f"bracket  {name}", tk._bracket_kernel,
+        job(f"bracket  {name}", "bracket",
             {**ab, "gs_ptr": i64, "gc_ptr": i64, "blk_gt_ptr": i32, "blk_cnt_ptr": i32, "blk_run_ptr": i32,
              "cand_ptr": kdt, "blk_nin_ptr": i32, "cpos_ptr": "*i16", "bits_ptr": i32},
-            dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, BITS=bits, **common, **src), cfg.num_warps)
-        job(f"fullhist {name}", tk._full_hist_kernel,
+            dict(BLOCK=cfg.block, K16=k16, BITS=bits, **common, **src), cfg.num_warps)
+        job(f"fullhist {name}", "full_hist",
             {**ab, "gs_ptr": i64, "ts_ptr": i64, "hist_ptr": i32},
-            dict(SHIFT=24, NB=tk._NB, BLOCK=cfg.block, GF=tk._GF, K16=k16, **common, **src), cfg.num_warps)
-        job(f"write    {name}", tk._write_kernel,
+            dict(SHIFT=24, BLOCK=cfg.block, K16=k16, **common, **src), cfg.num_warps)
+        job(f"write    {name}", "write",
             {**ab, "gs_ptr": i64, "blk_gt_ptr": i32, "blk_take_ptr": i32, "blk_off_ptr": i32, "out_ptr": i32,
              "blk_run_ptr": i32, "blk_nin_ptr": i32, "cand_ptr": kdt, "cpos_ptr": "*i16", "bits_ptr": i32},
-            dict(BLOCK=cfg.block, GF=tk._GF, K16=k16, BITS=bits, **common, **src),
+            dict(BLOCK=cfg.block, K16=k16, BITS=bits, **common, **src),
             cfg.num_warps)
         if not k16:
-            job(f"tiles    {name}", tk._tile_kernel, {**ab, "out_ptr": "*fp32"},
+            job(f"tiles    {name}", "tile", {**ab, "out_ptr": "*fp32"},
                 dict(TT=cfg.tiles_per_program, BS=16, BP=16, **common, **src), 4)
     for k16 in (False, True):
         kdt = "*i16" if k16 else i32
         kn = "16-bit keys" if k16 else "32-bit keys"
-        job(f"bufhist  {kn}", tk._buf_hist_kernel, {"keys_ptr": kdt, "seg_ptr": i64, "ts_ptr": i64, "hist_ptr": i32},
-            dict(NT=2, SHIFT=24, CH=cfg.buf_chunk, NB=tk._NB, K16=k16), 4)
-        job(f"count    {kn}", tk._count_kernel,
+        job(f"bufhist  {kn}", "buf_hist", {"keys_ptr": kdt, "seg_ptr": i64, "ts_ptr": i64, "hist_ptr": i32},
+            dict(NT=2, SHIFT=24, CH=cfg.buf_chunk, K16=k16), 4)
+        job(f"count    {kn}", "count",
             {"meta_ptr": i64, "gs_ptr": i64, "blk_gt_ptr": i32, "blk_cnt_ptr": i32, "blk_run_ptr": i32,
-             "cand_ptr": kdt, "ltot_ptr": i64}, dict(RUNCH=cfg.run_chunk, GF=tk._GF, K16=k16, **common), 4)
+             "cand_ptr": kdt, "ltot_ptr": i64}, dict(RUNCH=cfg.run_chunk, K16=k16, **common), 4)
     for first, last in ((True, False), (False, True)):
-        job(f"select   first={first} last={last}", tk._select_kernel, {"hist_ptr": i32, "ts_ptr": i64},
-            dict(SHIFT=0 if last else 24, NB=tk._NB, FIRST=first, LAST=last), 1)
+        job(f"select   first={first} last={last}", "select", {"hist_ptr": i32, "ts_ptr": i64},
+            dict(SHIFT=0 if last else 24, FIRST=first, LAST=last), 1)
     for glob in (False, True):
-        job(f"scan     global={glob}", tk._scan_kernel,
+        job(f"scan     global={glob}", "scan",
             {"meta_ptr": i64, "gs_ptr": i64, "ltot_ptr": i64, "blk_gt_ptr": i32, "blk_cnt_ptr": i32,
              "blk_take_ptr": i32, "blk_off_ptr": i32, "lout_ptr": i64},
-            dict(GLOBAL=glob, CH=cfg.scan_chunk, GF=tk._GF, **common), 4)
+            dict(GLOBAL=glob, CH=cfg.scan_chunk, **common), 4)
     return sm90_compile_check(jobs)
 
 
@@ -358,18 +360,22 @@ def main(argv=None) -> int:
                     kg = sum(ks) if mode == "global" else None
                     bs = block if src == "fused-block" else None
 
-                    def ours():
+                    def ours(return_stats=False):
                         if layers is None:
                             if kg is None:
-                                return tk.topk_from_delta_grad(deltas, grads, "mcs", ks=ks, block_size=bs)
-                            return tk.topk_from_delta_grad(deltas, grads, "mcs", global_k=kg, block_size=bs)
-                        return tk.topk_global(layers, kg) if kg is not None else tk.topk_per_layer(layers, ks)
+                                return tk.topk_from_delta_grad(deltas, grads, "mcs", ks=ks, block_size=bs,
+                                                               return_stats=return_stats)
+                            return tk.topk_from_delta_grad(deltas, grads, "mcs", global_k=kg, block_size=bs,
+                                                           return_stats=return_stats)
+                        if kg is not None:
+                            return tk.topk_global(layers, kg, return_stats=return_stats)
+                        return tk.topk_per_layer(layers, ks, return_stats=return_stats)
 
                     row = dict(meta, source=src, dtype=dt_name, mode=mode, keep_ratio=ratio,
                                input_bytes=in_bytes, kept=sum(ks))
                     if not args.no_check:
-                        got = ours()
-                        row["path"] = {k: v for k, v in tk.last_stats.items()}
+                        got, stats = ours(return_stats=True)
+                        row["path"] = dataclasses.asdict(stats)
                         if src == "fused-block":  # compare on our tile sums (summation order differs)
                             tiles = tk.delta_grad_tile_scores(deltas, grads, "mcs", block)
                             want = ref.topk_global(tiles, kg) if kg is not None else ref.topk_per_layer(tiles, ks)

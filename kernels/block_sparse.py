@@ -10,15 +10,17 @@ structures, kernel design, numerics and performance model: docs/kernels.md, sect
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
 from . import runtime
 from .reference import build_block_slot_map, validate_block_indices
+
+runtime.require_triton(__name__)
+
+import triton  # after the check that names the fix
+import triton.language as tl
 
 __all__ = [
     "BlockLayout",
@@ -29,13 +31,10 @@ __all__ = [
     "block_grad_blocks",
     "block_delta_linear",
     "block_grad_input",
+    "jit_kernels",
+    "autotune_configs",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Benchmark every fitting config on the first call of each shape class (GPU only). Off
-# (SPARSE_ENGINE_AUTOTUNE=0, or set this attribute): one default config per token bucket,
-# which keeps first calls cheap (e.g. test suites on a GPU).
-AUTOTUNE: bool = os.environ.get("SPARSE_ENGINE_AUTOTUNE", "1") != "0"
 # SDD: blocks of one row handled by one program (chunk size); KG·B = 64 columns of x per step.
 _SDD_COLS = 64
 
@@ -83,7 +82,7 @@ def _dsd_configs():
 def _prune_by_m(block_name: str, defaults: tuple = ()):
     """Drop configs whose token tile is larger than the token count (keep the smallest).
 
-    With ``AUTOTUNE`` off, keep one config: the first of ``defaults`` ((kwargs, warps, stages),
+    With ``runtime.AUTOTUNE`` off, keep one config: the first of ``defaults`` ((kwargs, warps, stages),
     in order of preference) that fits, else the first fitting config.
     """
 
@@ -91,7 +90,7 @@ def _prune_by_m(block_name: str, defaults: tuple = ()):
         m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 1 << 30))
         keep = [c for c in configs if c.kwargs[block_name] <= max(16, m_bucket)]
         keep = keep or [min(configs, key=lambda c: c.kwargs[block_name])]
-        if AUTOTUNE:
+        if runtime.AUTOTUNE:
             return keep
         chosen = runtime.matching_config(keep, defaults)
         return [chosen] if chosen is not None else keep[:1]
@@ -350,6 +349,18 @@ def _fused_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=p_mask[:, None] & m_mask[None, :])
 
 
+def jit_kernels() -> dict:
+    """The jit kernels by name (``dsd``: the delta alone, ``sdd``: dYᵀX at kept tiles, ``fused``:
+    W + ΔW in one GEMM), for compile checks without a GPU."""
+    return {"dsd": _dsd_kernel.fn, "sdd": _sdd_kernel.fn, "fused": _fused_kernel.fn}
+
+
+def autotune_configs() -> dict:
+    """The configs each kernel of :func:`jit_kernels` autotunes over in this process (the GPU
+    lists, or one small config per kernel in the interpreter)."""
+    return {"dsd": list(_dsd_kernel.configs), "sdd": list(_sdd_kernel.configs), "fused": list(_fused_kernel.configs)}
+
+
 # ========================================================================== layouts
 
 
@@ -408,7 +419,7 @@ def _sdd_kg(block_size):
 
 def build_block_layout(block_indices: torch.Tensor, shape, block_size: int = 16) -> BlockLayout:
     """Validate ``block_indices`` once and build every index structure the launchers use."""
-    _check_block_size(block_size)
+    runtime.check_block_size(block_size)
     shape = (int(shape[0]), int(shape[1]))
     slot_map = build_block_slot_map(block_indices, shape, block_size)
     n_rb, n_cb = _grid_of(shape, block_size)
@@ -423,38 +434,19 @@ def build_block_layout(block_indices: torch.Tensor, shape, block_size: int = 16)
 # ======================================================================= validation
 
 
-def _check_block_size(block_size):
-    if not isinstance(block_size, int) or isinstance(block_size, bool):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernels, got {block_size}")
-
-
-def _check_float(name, t, allowed=_FLOAT_DTYPES):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in allowed:
-        raise TypeError(f"{name} must have dtype in {allowed}, got {t.dtype}")
-
-
-def _check_device(device, **tensors):
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
-    if not runtime.triton_usable_for(torch.empty(0, device=device)):
-        raise RuntimeError(
-            f"the Triton block-sparse kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}"
-        )
+def _check_device(a, **tensors):
+    runtime.check_same_device(a.device, **tensors)
+    runtime.check_usable(a, "block-sparse")
 
 
 def _check_blocks(blocks, block_indices, block_size=None):
-    _check_float("blocks", blocks)
+    runtime.check_float(blocks, "blocks")
     if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
         raise ValueError(f"blocks must be [n, B, B], got shape {tuple(blocks.shape)}")
     bs = int(blocks.shape[-1])
     if block_size is not None and bs != block_size:
         raise ValueError(f"blocks are {bs}x{bs} but block_size={block_size}")
-    _check_block_size(bs)
+    runtime.check_block_size(bs)
     if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32:
         raise TypeError(f"block_indices must be an int32 tensor, got {getattr(block_indices, 'dtype', type(block_indices))}")
     if block_indices.dim() != 1 or block_indices.shape[0] != blocks.shape[0]:
@@ -525,27 +517,12 @@ def _flat(t, name, last):
 
 
 def _m_bucket(m):
-    return min(triton.next_power_of_2(max(int(m), 1)), 1 << 14)
+    return min(runtime.pow2(m), 1 << 14)
 
 
 def _bucket(n_blocks, n_lines):
     """Autotune key for the density: blocks per block row / column, rounded up to a power of two."""
-    return triton.next_power_of_2(max(1, -(-int(n_blocks) // max(1, int(n_lines)))))
-
-
-def _upcast(dtype):
-    return bool(runtime.INTERPRET and dtype == torch.bfloat16)
-
-
-def _check_out(out, shape, dtype, device, name="out"):
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    if out.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
-    if out.device != device:
-        raise ValueError(f"{name} is on {out.device}, expected {device}")
+    return runtime.pow2(-(-int(n_blocks) // max(1, int(n_lines))))
 
 
 def _out_2d(out, m, p):
@@ -579,17 +556,17 @@ def _dsd(a, blocks, entries, n_out_blocks, bs, out, accumulate, transpose_blocks
         m, _m_bucket(m), _bucket(blocks.shape[0], n_out_blocks), n_out_blocks,
         a.stride(0), a.stride(1), c.stride(0), c.stride(1),
         sb[0], stride_bt, stride_bo,
-        B=bs, ACCUMULATE=bool(accumulate), IEEE=a.dtype == torch.float32, UPCAST=_upcast(a.dtype),
+        B=bs, ACCUMULATE=bool(accumulate), IEEE=a.dtype == torch.float32, UPCAST=runtime.upcast_bf16(a.dtype),
     )
 
 
 def _delta_product(name, a, blocks, block_indices, shape, out, accumulate, slot_map, layout, *, forward: bool):
     """Checks, index structures and launch shared by the two delta-only products: ``forward``
     y = x·ΔWᵀ over CSR rows (``a`` = x), else dX = dY·ΔW over CSC columns (``a`` = dY)."""
-    _check_float(name, a)
+    runtime.check_float(a, name)
     bs = _check_blocks(blocks, block_indices)
     _check_shape(shape, bs)
-    _check_device(a.device, blocks=blocks, block_indices=block_indices)
+    _check_device(a, blocks=blocks, block_indices=block_indices)
     structure = "csr" if forward else "csc"
     idx = _resolve(block_indices, shape, bs, slot_map, layout, {structure})
     d_a, d_c = (shape[1], shape[0]) if forward else (shape[0], shape[1])
@@ -599,7 +576,7 @@ def _delta_product(name, a, blocks, block_indices, shape, out, accumulate, slot_
         out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
         accumulate = False
     else:
-        _check_out(out, out_shape, a.dtype, a.device)
+        runtime.output(out, out_shape, a.dtype, a.device)
     c = _out_2d(out, a2.shape[0], d_c)
     _dsd(a2, blocks, idx[structure], d_c // bs, bs, c, accumulate, transpose_blocks=forward)
     return out
@@ -631,11 +608,11 @@ def block_grad_blocks(dy, x, block_indices, block_size: int, *, out=None, accumu
 
     ``out`` given: written (``accumulate=True``: added) in place and returned.
     """
-    _check_float("dy", dy)
-    _check_float("x", x)
+    runtime.check_float(dy, "dy")
+    runtime.check_float(x, "x")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy and x must have the same dtype, got {dy.dtype} and {x.dtype}")
-    _check_block_size(block_size)
+    runtime.check_block_size(block_size)
     if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32:
         raise TypeError(f"block_indices must be an int32 tensor, got {getattr(block_indices, 'dtype', type(block_indices))}")
     if block_indices.dim() != 1:
@@ -645,14 +622,14 @@ def block_grad_blocks(dy, x, block_indices, block_size: int, *, out=None, accumu
     shape = (int(dy.shape[-1]), int(x.shape[-1]))
     bs = block_size
     _check_shape(shape, bs)
-    _check_device(x.device, dy=dy, block_indices=block_indices)
+    _check_device(x, dy=dy, block_indices=block_indices)
     n = block_indices.numel()
     idx = _resolve(block_indices, shape, bs, slot_map, layout, {"chunks"})
     if out is None:
         out = torch.empty((n, bs, bs), dtype=torch.float32, device=x.device)
         accumulate = False
     else:
-        _check_out(out, (n, bs, bs), torch.float32, x.device)
+        runtime.output(out, (n, bs, bs), torch.float32, x.device)
     dy2, x2 = _flat(dy, "dy", shape[0]), _flat(x, "x", shape[1])
     m = x2.shape[0]
     if n == 0:
@@ -671,7 +648,7 @@ def block_grad_blocks(dy, x, block_indices, block_size: int, *, out=None, accumu
         m, _m_bucket(m), _bucket(n, n_rb), n_rb, n_search,
         dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        B=bs, KG=kg, ACCUMULATE=bool(accumulate), IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype),
+        B=bs, KG=kg, ACCUMULATE=bool(accumulate), IEEE=x.dtype == torch.float32, UPCAST=runtime.upcast_bf16(x.dtype),
     )
     return out
 
@@ -695,12 +672,12 @@ def _fused(a2, weight, blocks, slot_map, bias, c, p_dim, q_dim, bs, grad_input):
         a2.stride(0), a2.stride(1), stride_wp, stride_wq,
         stride_sp, stride_sq, sb[0], stride_bp, stride_bq,
         c.stride(0), c.stride(1),
-        B=bs, HAS_BIAS=bias is not None, IEEE=a2.dtype == torch.float32, UPCAST=_upcast(a2.dtype),
+        B=bs, HAS_BIAS=bias is not None, IEEE=a2.dtype == torch.float32, UPCAST=runtime.upcast_bf16(a2.dtype),
     )
 
 
 def _check_weight(weight, bs):
-    _check_float("weight", weight)
+    runtime.check_float(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [d_out, d_in], got shape {tuple(weight.shape)}")
     _check_shape(tuple(weight.shape), bs)
@@ -712,24 +689,24 @@ def block_delta_linear(x, weight, blocks, block_indices, bias=None, *, out=None,
     W + ΔW is formed in fp32 and cast to x's dtype before the product (as the reference);
     ``weight`` may be bf16/fp16/fp32. ``out`` given: overwritten and returned.
     """
-    _check_float("x", x)
+    runtime.check_float(x, "x")
     bs = _check_blocks(blocks, block_indices)
     _check_weight(weight, bs)
     d_out, d_in = (int(s) for s in weight.shape)
     if bias is not None:
-        _check_float("bias", bias)
+        runtime.check_float(bias, "bias")
         if bias.dtype != x.dtype:
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
         if tuple(bias.shape) != (d_out,):
             raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
-    _check_device(x.device, weight=weight, blocks=blocks, block_indices=block_indices, bias=bias)
+    _check_device(x, weight=weight, blocks=blocks, block_indices=block_indices, bias=bias)
     x2 = _flat(x, "x", d_in)
     idx = _resolve(block_indices, (d_out, d_in), bs, slot_map, layout, {"slot_map"})
     out_shape = (*x.shape[:-1], d_out)
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     else:
-        _check_out(out, out_shape, x.dtype, x.device)
+        runtime.output(out, out_shape, x.dtype, x.device)
     c = _out_2d(out, x2.shape[0], d_out)
     _fused(x2, weight, blocks, idx["slot_map"], bias, c, d_out, d_in, bs, grad_input=False)
     return out
@@ -737,18 +714,18 @@ def block_delta_linear(x, weight, blocks, block_indices, bias=None, *, out=None,
 
 def block_grad_input(dy, weight, blocks, block_indices, *, out=None, slot_map=None, layout=None):
     """dX = dY (W + ΔW) in one GEMM (W + ΔW formed in fp32, cast to dy's dtype). ``out``: overwritten."""
-    _check_float("dy", dy)
+    runtime.check_float(dy, "dy")
     bs = _check_blocks(blocks, block_indices)
     _check_weight(weight, bs)
     d_out, d_in = (int(s) for s in weight.shape)
-    _check_device(dy.device, weight=weight, blocks=blocks, block_indices=block_indices)
+    _check_device(dy, weight=weight, blocks=blocks, block_indices=block_indices)
     dy2 = _flat(dy, "dy", d_out)
     idx = _resolve(block_indices, (d_out, d_in), bs, slot_map, layout, {"slot_map"})
     out_shape = (*dy.shape[:-1], d_in)
     if out is None:
         out = torch.empty(out_shape, dtype=dy.dtype, device=dy.device)
     else:
-        _check_out(out, out_shape, dy.dtype, dy.device)
+        runtime.output(out, out_shape, dy.dtype, dy.device)
     c = _out_2d(out, dy2.shape[0], d_in)
     _fused(dy2, weight, blocks, idx["slot_map"], None, c, d_in, d_out, bs, grad_input=True)
     return out

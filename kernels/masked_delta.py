@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - the engine falls back to reference.py
-    raise ImportError("sparse_engine.kernels.masked_delta needs Triton; use kernels.reference on CPU") from exc
+from . import runtime
 
-from .runtime import INTERPRET, SCORES
+runtime.require_triton(__name__)
+
+import triton  # after the check that names the fix
+import triton.language as tl
 
 __all__ = [
     "LAYOUT_TILE",
@@ -43,11 +41,11 @@ __all__ = [
     "score_key",
     "unpack_bits",
     "set_bit_positions",
+    "jit_kernels",
 ]
 
 LAYOUT_TILE = 64  # columns per layout tile; ranks 0..63 fit an int8
-_SCORE_ID = {name: i for i, name in enumerate(SCORES)}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_SCORE_ID = {name: i for i, name in enumerate(runtime.SCORES)}
 _HIST_BINS = 1 << 16
 
 # weight-operand modes of the GEMM kernels
@@ -112,7 +110,7 @@ GPU_FP32_CONFIGS = [
 ]
 GPU_SCORE_TILE = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
 
-if INTERPRET:
+if runtime.INTERPRET:
     # small tiles: several tiles and reduction steps even at test shapes; BLOCK_K 32 (fwd)
     # and 128 (dX, G) exercise both compact-offset lookups (column tile within / across
     # 64-column layout tiles)
@@ -125,19 +123,13 @@ else:  # pragma: no cover - GPU only
     _SCORE_TILE = GPU_SCORE_TILE
 
 # Tests and tuning scripts may pin one config per kernel ("fwd", "dx", "gt") here instead of
-# autotuning: {name: triton.Config}.
+# autotuning: {name: triton.Config}. With runtime.AUTOTUNE off, each kernel's first listed config.
 CONFIG_OVERRIDE: dict = {}
-
-
-# Benchmark every config on the first call of each shape class (GPU only). Off
-# (SPARSE_ENGINE_AUTOTUNE=0, or set this attribute): each kernel's first listed config, which
-# keeps first calls cheap (e.g. test suites on a GPU).
-AUTOTUNE: bool = os.environ.get("SPARSE_ENGINE_AUTOTUNE", "1") != "0"
 
 
 def _run(name, tuned, raw, grid, args, consts):
     cfg = CONFIG_OVERRIDE.get(name)
-    if cfg is None and not AUTOTUNE:
+    if cfg is None and not runtime.AUTOTUNE:
         cfg = tuned.configs[0]
     if cfg is None:
         tuned[grid](*args, **consts)
@@ -365,48 +357,25 @@ def _gt_kernel(
 # tuning does not rerun for every sequence length; the kernels ignore it.
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["M_KEY", "N", "K", "MODE"])(_fwd_kernel)
 _dx_tuned = triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "MODE"])(_dx_kernel)
-_fwd_tuned_f32 = triton.autotune(configs=_FWD_CONFIGS if INTERPRET else GPU_FP32_CONFIGS,
+_fwd_tuned_f32 = triton.autotune(configs=_FWD_CONFIGS if runtime.INTERPRET else GPU_FP32_CONFIGS,
                                  key=["M_KEY", "N", "K", "MODE"])(_fwd_kernel)
-_dx_tuned_f32 = triton.autotune(configs=_DX_CONFIGS if INTERPRET else GPU_FP32_CONFIGS,
+_dx_tuned_f32 = triton.autotune(configs=_DX_CONFIGS if runtime.INTERPRET else GPU_FP32_CONFIGS,
                                 key=["M_KEY", "N", "K", "MODE"])(_dx_kernel)
 _gt_tuned = triton.autotune(configs=_GT_CONFIGS, key=["M_KEY", "N", "K", "EPI", "HAS_MASK"])(_gt_kernel)
+
+
+def jit_kernels() -> dict:
+    """The jit kernels by name (``fwd``, ``dx``, ``gt``), for compile checks without a GPU: the
+    GEMM kernels autotune over ``GPU_FWD_CONFIGS`` / ``GPU_DX_CONFIGS`` / ``GPU_GT_CONFIGS``
+    (``GPU_FP32_CONFIGS`` for IEEE fp32), the score epilogues run ``GPU_SCORE_TILE``."""
+    return {"fwd": _fwd_kernel, "dx": _dx_kernel, "gt": _gt_kernel}
 
 
 # ============================================================================ validation
 
 
-def _usable(t: torch.Tensor) -> None:
-    if t.is_cuda:
-        return
-    if not (INTERPRET and t.device.type == "cpu"):
-        raise RuntimeError(
-            f"Triton kernels need CUDA tensors (got device {t.device}); on the CPU use "
-            "sparse_engine.kernels.reference or set TRITON_INTERPRET=1 before importing Triton"
-        )
-
-
-def _tensor(t, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def _float(t, name: str, allowed=_FLOATS) -> torch.Tensor:
-    _tensor(t, name)
-    if t.dtype not in allowed:
-        names = ", ".join(str(a).replace("torch.", "") for a in allowed)
-        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
-    return t
-
-
-def _same_device(ref: torch.Tensor, **others) -> None:
-    for name, t in others.items():
-        if isinstance(t, torch.Tensor) and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but the inputs are on {ref.device}")
-
-
 def _weight(weight, d_in: int | None = None, name: str = "weight") -> tuple[int, int]:
-    _float(weight, name)
+    runtime.check_float(weight, name)
     if weight.dim() != 2:
         raise ValueError(f"{name} must be 2-D [d_out, d_in], got shape {tuple(weight.shape)}")
     if d_in is not None and weight.shape[1] != d_in:
@@ -416,7 +385,7 @@ def _weight(weight, d_in: int | None = None, name: str = "weight") -> tuple[int,
 
 def _acts(t, name: str, width: int | None = None, width_name: str = "") -> torch.Tensor:
     """Flatten ``[..., width]`` activations to 2-D (a view when the strides allow, else a copy)."""
-    _float(t, name)
+    runtime.check_float(t, name)
     if t.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension [..., features]")
     if width is not None and t.shape[-1] != width:
@@ -425,12 +394,12 @@ def _acts(t, name: str, width: int | None = None, width_name: str = "") -> torch
 
 
 def _delta_and_mask(delta, mask, shape):
-    _float(delta, "delta")
+    runtime.check_float(delta, "delta")
     if tuple(delta.shape) != tuple(shape):
         raise ValueError(f"delta must have the weight's shape {tuple(shape)}, got {tuple(delta.shape)}")
     if mask is None:
         return None
-    _tensor(mask, "mask")
+    runtime.check_tensor(mask, "mask")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (or None), got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
@@ -441,29 +410,18 @@ def _delta_and_mask(delta, mask, shape):
 def _bias(bias, d_out: int):
     if bias is None:
         return None
-    _float(bias, "bias")
+    runtime.check_float(bias, "bias")
     if bias.dim() != 1 or bias.shape[0] != d_out:
         raise ValueError(f"bias must have shape [{d_out}], got {tuple(bias.shape)}")
     return bias if bias.stride(0) == 1 else bias.contiguous()
 
 
 def _out(out, shape, dtype, device, name="out") -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    _tensor(out, name)
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    if out.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
-    if out.device != device:
-        raise ValueError(f"{name} is on {out.device}, expected {device}")
-    if not out.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    return out
+    return runtime.output(out, shape, dtype, device, name=name, contiguous=True)
 
 
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    upcast = INTERPRET and dtype == torch.bfloat16
+    upcast = runtime.upcast_bf16(dtype)
     dot_fp32 = dtype == torch.float32 or upcast
     prec = "ieee"
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
@@ -474,10 +432,6 @@ def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
 def _ieee(consts: dict) -> bool:
     """fp32 operands multiplied without tensor cores: use the small-tile config list."""
     return consts["DOT_FP32"] and consts["PREC"] == "ieee" and not consts["UPCAST"]
-
-
-def _m_key(m: int) -> int:
-    return 1 << max(int(m) - 1, 0).bit_length()
 
 
 def _dummy(device) -> torch.Tensor:
@@ -534,7 +488,7 @@ def _indices_key(indices: torch.Tensor) -> tuple:
 
 
 def _check_indices(indices, shape) -> None:
-    _tensor(indices, "indices")
+    runtime.check_tensor(indices, "indices")
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be int32 flat row-major indices, got {indices.dtype}")
     if indices.dim() != 1:
@@ -588,13 +542,13 @@ def _layout(indices, shape, layout) -> CompactLayout:
         return build_compact_layout(indices, shape)
     if not isinstance(layout, CompactLayout):
         raise TypeError(f"layout must be a CompactLayout from build_compact_layout, got {type(layout).__name__}")
-    _tensor(indices, "indices")
+    runtime.check_tensor(indices, "indices")
     layout.check(indices, shape, indices.device)
     return layout
 
 
 def _values(values, layout: CompactLayout):
-    _float(values, "values")
+    runtime.check_float(values, "values")
     if values.dim() != 1 or values.numel() != layout.nnz:
         raise ValueError(f"values must be 1-D with nnz={layout.nnz} entries, got shape {tuple(values.shape)}")
     if not values.is_contiguous():
@@ -615,7 +569,7 @@ def _launch_fwd(x2, weight, dparts, bias, y2, mode, n_tiles=1):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     args = (
         x2, weight, d, m, off, b, y2,
-        M, N, K, n_tiles, _m_key(M),
+        M, N, K, n_tiles, runtime.pow2(M),
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), s_d[0], s_d[1], s_m[0], s_m[1],
         y2.stride(0), y2.stride(1),
     )
@@ -633,7 +587,7 @@ def _launch_dx(dy2, weight, dparts, dx2, mode, n_tiles=1):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     args = (
         dy2, weight, d, m, off, dx2,
-        M, N, K, n_tiles, _m_key(M),
+        M, N, K, n_tiles, runtime.pow2(M),
         dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), s_d[0], s_d[1], s_m[0], s_m[1],
         dx2.stride(0), dx2.stride(1),
     )
@@ -663,13 +617,13 @@ def _fill_empty(out, value=0.0):
 
 def masked_delta_linear(x, weight, delta, mask, bias=None, *, out=None):
     """y = x (W + Ŵ⊙M)ᵀ + b in x's dtype; ``mask=None`` ignores the mask. W + Ŵ⊙M is never stored."""
-    _tensor(x, "x")
+    runtime.check_tensor(x, "x")
     d_out, d_in = _weight(weight, x.shape[-1] if x.dim() else None)
     x2 = _acts(x, "x", d_in, "weight's d_in")
     mask_u8 = _delta_and_mask(delta, mask, (d_out, d_in))
     bias = _bias(bias, d_out)
-    _same_device(x, weight=weight, delta=delta, mask=mask, bias=bias)
-    _usable(x)
+    runtime.check_same_device(x.device, weight=weight, delta=delta, mask=mask, bias=bias)
+    runtime.check_usable(x, "masked-delta")
     y = _out(out, (*x.shape[:-1], d_out), x.dtype, x.device)
     y2 = y.view(x2.shape[0], d_out)
     if d_in == 0:
@@ -681,12 +635,12 @@ def masked_delta_linear(x, weight, delta, mask, bias=None, *, out=None):
 
 def masked_delta_grad_input(dy, weight, delta, mask, *, out=None):
     """dX = dY (W + Ŵ⊙M) in dy's dtype."""
-    _tensor(dy, "dy")
+    runtime.check_tensor(dy, "dy")
     d_out, d_in = _weight(weight)
     dy2 = _acts(dy, "dy", d_out, "weight's d_out")
     mask_u8 = _delta_and_mask(delta, mask, (d_out, d_in))
-    _same_device(dy, weight=weight, delta=delta, mask=mask)
-    _usable(dy)
+    runtime.check_same_device(dy.device, weight=weight, delta=delta, mask=mask)
+    runtime.check_usable(dy, "masked-delta")
     dx = _out(out, (*dy.shape[:-1], d_in), dy.dtype, dy.device)
     if d_out == 0:
         return _fill_empty(dx)
@@ -709,7 +663,7 @@ def _launch_gt(dy2, x2, out, epi, *, d=None, m=None, off=None, out2=None, has_ma
     s_m = m.stride() if m.dim() == 2 else (0, 0)
     args = (
         dy2, x2, d, m, off, out, out2,
-        M, N, K, n_tiles, n_words, thresh, prefix, _m_key(M),
+        M, N, K, n_tiles, n_words, thresh, prefix, runtime.pow2(M),
         dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), s_d[0], s_d[1], s_m[0], s_m[1], s_out[0], s_out[1],
     )
     consts = dict(EPI=epi, HAS_MASK=has_mask, SCORE=score, BS=bs, DIGIT=digit, LT=LAYOUT_TILE,
@@ -726,13 +680,13 @@ def _launch_gt(dy2, x2, out, epi, *, d=None, m=None, off=None, out2=None, has_ma
 
 
 def _grad_operands(dy, x, d_out=None, d_in=None):
-    _tensor(dy, "dy")
-    _tensor(x, "x")
+    runtime.check_tensor(dy, "dy")
+    runtime.check_tensor(x, "x")
     dy2 = _acts(dy, "dy", d_out, "d_out")
     x2 = _acts(x, "x", d_in, "d_in")
     _tokens_match(dy2, x2)
-    _same_device(x, dy=dy)
-    _usable(x)
+    runtime.check_same_device(x.device, dy=dy)
+    runtime.check_usable(x, "masked-delta")
     return dy2, x2
 
 
@@ -743,12 +697,12 @@ def masked_delta_grad_delta(dy, x, mask, *, out=None):
     shape = (dy2.shape[1], x2.shape[1])
     mask_u8 = None
     if mask is not None:
-        _tensor(mask, "mask")
+        runtime.check_tensor(mask, "mask")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (or None), got {mask.dtype}")
         if tuple(mask.shape) != shape:
             raise ValueError(f"mask must have shape (d_out, d_in) = {shape}, got {tuple(mask.shape)}")
-        _same_device(x, mask=mask)
+        runtime.check_same_device(x.device, mask=mask)
         mask_u8 = mask.view(torch.uint8)
     g = _out(out, shape, torch.float32, x.device)
     if g.numel() == 0:
@@ -758,13 +712,13 @@ def masked_delta_grad_delta(dy, x, mask, *, out=None):
 
 
 def _score_args(dy, x, delta, score):
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    _float(delta, "delta")
+    if score not in runtime.SCORES:
+        raise ValueError(f"score must be one of {runtime.SCORES}, got {score!r}")
+    runtime.check_float(delta, "delta")
     if delta.dim() != 2:
         raise ValueError(f"delta must be 2-D [d_out, d_in], got shape {tuple(delta.shape)}")
     dy2, x2 = _grad_operands(dy, x, delta.shape[0], delta.shape[1])
-    _same_device(x, delta=delta)
+    runtime.check_same_device(x.device, delta=delta)
     return dy2, x2
 
 
@@ -782,7 +736,7 @@ def delta_score(dy, x, delta, score: str = "mcs", block_size: int | None = None,
     d_out, d_in = delta.shape
     sid = _SCORE_ID[score]
     if block_size is None:
-        if out_dtype not in _FLOATS:
+        if out_dtype not in runtime.FLOAT_DTYPES:
             raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
         res = _out(out, (d_out, d_in), out_dtype, x.device)
         if res.numel():
@@ -806,14 +760,14 @@ def delta_score(dy, x, delta, score: str = "mcs", block_size: int | None = None,
 def compact_delta_linear(x, weight, values, indices, bias=None, layout=None, *, out=None):
     """y = x (W + ΔW)ᵀ + b, ΔW = ``values`` at flat ``indices``; ``layout`` from
     :func:`build_compact_layout` (built here, with full index validation, when ``None``)."""
-    _tensor(x, "x")
+    runtime.check_tensor(x, "x")
     d_out, d_in = _weight(weight, x.shape[-1] if x.dim() else None)
     x2 = _acts(x, "x", d_in, "weight's d_in")
     bias = _bias(bias, d_out)
-    _same_device(x, weight=weight, values=values, indices=indices, bias=bias)
+    runtime.check_same_device(x.device, weight=weight, values=values, indices=indices, bias=bias)
     lay = _layout(indices, (d_out, d_in), layout)
     vals = _values(values, lay)
-    _usable(x)
+    runtime.check_usable(x, "masked-delta")
     y = _out(out, (*x.shape[:-1], d_out), x.dtype, x.device)
     parts, mode = _compact_parts(vals, lay)
     _launch_fwd(x2, weight, parts, bias, y.view(x2.shape[0], d_out), mode, lay.n_tiles)
@@ -822,13 +776,13 @@ def compact_delta_linear(x, weight, values, indices, bias=None, layout=None, *, 
 
 def compact_grad_input(dy, weight, values, indices, layout=None, *, out=None):
     """dX = dY (W + ΔW), ΔW compact."""
-    _tensor(dy, "dy")
+    runtime.check_tensor(dy, "dy")
     d_out, d_in = _weight(weight)
     dy2 = _acts(dy, "dy", d_out, "weight's d_out")
-    _same_device(dy, weight=weight, values=values, indices=indices)
+    runtime.check_same_device(dy.device, weight=weight, values=values, indices=indices)
     lay = _layout(indices, (d_out, d_in), layout)
     vals = _values(values, lay)
-    _usable(dy)
+    runtime.check_usable(dy, "masked-delta")
     dx = _out(out, (*dy.shape[:-1], d_in), dy.dtype, dy.device)
     parts, mode = _compact_parts(vals, lay)
     _launch_dx(dy2, weight, parts, dx.view(dy2.shape[0], d_in), mode, lay.n_tiles)
@@ -840,7 +794,7 @@ def compact_grad_values(dy, x, indices, layout=None, *, out=None):
     written (no dense gradient); tiles with nothing kept skip the token loop."""
     dy2, x2 = _grad_operands(dy, x)
     shape = (dy2.shape[1], x2.shape[1])
-    _same_device(x, indices=indices)
+    runtime.check_same_device(x.device, indices=indices)
     lay = _layout(indices, shape, layout)
     gv = _out(out, (lay.nnz,), torch.float32, x.device)
     if lay.nnz == 0:
@@ -873,10 +827,10 @@ def score_histogram(dy, x, delta, score: str = "mcs", *, prefix: int | None = No
     if hist is None:
         hist = torch.zeros(_HIST_BINS, dtype=torch.int32, device=x.device)
     else:
-        _tensor(hist, "hist")
+        runtime.check_tensor(hist, "hist")
         if hist.dtype != torch.int32 or tuple(hist.shape) != (_HIST_BINS,) or not hist.is_contiguous():
             raise ValueError(f"hist must be a contiguous int32 tensor of shape ({_HIST_BINS},)")
-        _same_device(x, hist=hist)
+        runtime.check_same_device(x.device, hist=hist)
     if delta.numel():
         _launch_gt(dy2, x2, hist, _EPI_HIST, d=delta, score=_SCORE_ID[score], digit=0 if prefix is None else 1,
                    prefix=0 if prefix is None else int(prefix), fixed=True)

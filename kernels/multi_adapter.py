@@ -9,18 +9,17 @@ they read, the kernel design and the choice of BLOCK_M: docs/serving.md, section
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import triton
-import triton.language as tl
 
 from . import runtime
 
-__all__ = ["build_tiles", "choose_block_m", "multi_block_delta", "multi_element_delta"]
+runtime.require_triton(__name__)
 
-AUTOTUNE: bool = os.environ.get("SPARSE_ENGINE_AUTOTUNE", "1") != "0"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+import triton  # after the check that names the fix
+import triton.language as tl
+
+__all__ = ["build_tiles", "choose_block_m", "multi_block_delta", "multi_element_delta", "element_config_fits",
+           "jit_kernels", "autotune_configs"]
 
 
 # ============================================================================ kernels
@@ -64,10 +63,10 @@ def _block_configs():
 
 
 def _one_default(default):
-    """With AUTOTUNE off, keep only the config matching ``default`` ((kwargs, warps, stages))."""
+    """With runtime.AUTOTUNE off, keep only the config matching ``default`` ((kwargs, warps, stages))."""
 
     def prune(configs, named_args, **kwargs):
-        if AUTOTUNE or len(configs) == 1:
+        if runtime.AUTOTUNE or len(configs) == 1:
             return configs
         chosen = runtime.matching_config(configs, [default])
         return [chosen] if chosen is not None else configs[:1]
@@ -196,6 +195,17 @@ def _multi_element_kernel(
         tl.store(ptrs, (prev + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def jit_kernels() -> dict:
+    """The jit kernels by name (``block``, ``element``), for compile checks without a GPU."""
+    return {"block": _multi_block_kernel.fn, "element": _multi_element_kernel.fn}
+
+
+def autotune_configs() -> dict:
+    """The configs each kernel of :func:`jit_kernels` autotunes over in this process (element
+    configs are pruned per BLOCK_M by :func:`element_config_fits` at launch)."""
+    return {"block": list(_multi_block_kernel.configs), "element": list(_multi_element_kernel.configs)}
+
+
 # ======================================================================== launchers
 
 
@@ -236,12 +246,8 @@ def build_tiles(seg_slots: torch.Tensor, seg_offsets: torch.Tensor, n_sel: int, 
     return table.to(torch.int32).contiguous()
 
 
-def _bucket(n):
-    return triton.next_power_of_2(max(1, int(n)))
-
-
 def _check_common(x, out, token_order, seg_slots, seg_offsets, row_ptr, n_lines):
-    if x.dtype not in _FLOAT_DTYPES or out.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in runtime.FLOAT_DTYPES or out.dtype not in runtime.FLOAT_DTYPES:
         raise TypeError(f"x and out must be fp16/bf16/fp32, got {x.dtype} and {out.dtype}")
     if x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0]:
         raise ValueError(f"x [T, d_in] and out [T, d_out] must be 2-D with equal T, got {tuple(x.shape)}, {tuple(out.shape)}")
@@ -261,6 +267,7 @@ def _check_common(x, out, token_order, seg_slots, seg_offsets, row_ptr, n_lines)
         raise ValueError("token_order must be contiguous")
     if x.shape[0] * max(1, x.stride(0)) >= 2**62:
         raise ValueError("x is too large")
+    runtime.check_usable(x, "multi-adapter")
 
 
 def _tiles_for(seg_slots, seg_offsets, n_sel, block_m, tiles):
@@ -284,11 +291,9 @@ def multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, bloc
     ``tiles``: a table from :func:`build_tiles` for ``block_m`` (cached by the caller across
     layers). Returns ``out``.
     """
-    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or blocks.dtype not in _FLOAT_DTYPES:
+    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or blocks.dtype not in runtime.FLOAT_DTYPES:
         raise ValueError(f"blocks must be a float [cap, B, B] tensor, got {tuple(blocks.shape)} {blocks.dtype}")
-    bs = int(blocks.shape[-1])
-    if bs < 16 or bs & (bs - 1):
-        raise ValueError(f"block size must be a power of two >= 16 for the tensor-core path, got {bs}")
+    bs = runtime.check_block_size(int(blocks.shape[-1]), "the block size")
     d_out, d_in = int(out.shape[-1]), int(x.shape[-1])
     if d_out % bs or d_in % bs:
         raise ValueError(f"block size {bs} does not divide ({d_out}, {d_in})")
@@ -304,11 +309,11 @@ def multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, bloc
     grid = lambda meta: (tiles.shape[0], triton.cdiv(n_rb, meta["ROWS"]))
     _multi_block_kernel[grid](
         x, out, token_order, tiles, row_ptr, block_cols, blocks,
-        n_rb, _bucket(n_sel), _bucket(d_in), row_ptr.stride(0),
+        n_rb, runtime.pow2(n_sel), runtime.pow2(d_in), row_ptr.stride(0),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         sb[0], sb[1], sb[2],
         B=bs, BLOCK_M=block_m, IEEE=x.dtype == torch.float32,
-        UPCAST=bool(runtime.INTERPRET and x.dtype == torch.bfloat16),
+        UPCAST=runtime.upcast_bf16(x.dtype),
     )
     return out
 
@@ -322,7 +327,7 @@ def multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, co
     """
     d_out, d_in = int(out.shape[-1]), int(x.shape[-1])
     _check_common(x, out, token_order, seg_slots, seg_offsets, row_ptr, d_out)
-    if values.dtype not in _FLOAT_DTYPES or values.dim() != 1:
+    if values.dtype not in runtime.FLOAT_DTYPES or values.dim() != 1:
         raise ValueError(f"values must be a 1-D float tensor, got {tuple(values.shape)} {values.dtype}")
     if cols.dtype not in (torch.int16, torch.int32) or cols.shape != values.shape:
         raise ValueError(f"cols must be int16/int32 with values' shape, got {cols.dtype} {tuple(cols.shape)}")
@@ -335,8 +340,8 @@ def multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, co
     grid = lambda meta: (tiles.shape[0], triton.cdiv(d_out, meta["BLOCK_N"]))
     _multi_element_kernel[grid](
         x, out, token_order, tiles, row_ptr, cols, values,
-        d_out, _bucket(n_sel), _bucket(d_in), row_ptr.stride(0),
+        d_out, runtime.pow2(n_sel), runtime.pow2(d_in), row_ptr.stride(0),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, UPCAST=bool(runtime.INTERPRET and x.dtype == torch.bfloat16),
+        BLOCK_M=block_m, UPCAST=runtime.upcast_bf16(x.dtype),
     )
     return out

@@ -13,6 +13,7 @@ import torch
 
 from sparse_engine.kernels import block_sparse as bsk
 from sparse_engine.kernels import reference as ref
+from sparse_engine.kernels import runtime
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -30,7 +31,7 @@ PATTERNS = ["zero", "one", "all", "random"]
 @pytest.fixture(autouse=True)
 def _one_config_per_shape(monkeypatch):
     """On a GPU, skip benchmarking every autotune config at each first call (correctness only)."""
-    monkeypatch.setattr(bsk, "AUTOTUNE", False)
+    monkeypatch.setattr(runtime, "AUTOTUNE", False)
 
 
 def _indices(pattern: str, shape, block_size=B, gen=None) -> torch.Tensor:

@@ -438,11 +438,3 @@ def test_bad_inputs():
         md.delta_score(dy, x, delta, "mcs", block_size=3)
     with pytest.raises(ValueError, match="k must"):
         md.delta_score_topk(dy, x, delta, 29 * 53 + 1)
-
-
-@pytest.mark.skipif(CUDA, reason="checks the CPU refusal without the interpreter")
-def test_cpu_without_interpreter_refuses(monkeypatch):
-    monkeypatch.setattr(md, "INTERPRET", False)
-    x, w, delta, mask, _ = _setup((3,), 8, 4, torch.float32)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        md.masked_delta_linear(x, w, delta, mask)

@@ -22,10 +22,12 @@ import torch
 
 try:
     from sparse_engine.kernels import reference as ref
+    from sparse_engine.kernels import runtime
     from sparse_engine.kernels import topk_mask as tk
 except ImportError:  # repo not installed (pip install -e .): import the folder directly
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from kernels import reference as ref
+    from kernels import runtime
     from kernels import topk_mask as tk
 
 CUDA = torch.cuda.is_available()
@@ -68,11 +70,12 @@ def _ks(layers, fracs=(1.0, 0.5, 0.1, 0.3)):
 def test_per_layer_random(cfg, dtype):
     layers = _rand_layers(dtype)
     ks = _ks(layers)
-    _same(tk.topk_per_layer(layers, ks, config=CONFIGS[cfg]), ref.topk_per_layer(layers, ks), f"{cfg} {dtype}")
+    got, stats = tk.topk_per_layer(layers, ks, config=CONFIGS[cfg], return_stats=True)
+    _same(got, ref.topk_per_layer(layers, ks), f"{cfg} {dtype}")
     if cfg == "sub" and dtype == torch.float32:  # the bracket must have worked for the big layer
-        assert tk.last_stats["candidates"] + tk.last_stats["exact_bracket"] >= 1, tk.last_stats
+        assert stats.candidates + stats.exact_bracket >= 1, stats
     if cfg == "fallback":
-        assert tk.last_stats["fallback"] >= 1, tk.last_stats
+        assert stats.fallback >= 1, stats
 
 
 @pytest.mark.parametrize("cfg", ["default", "sub", "fallback"])
@@ -90,9 +93,10 @@ def test_candidate_path_taken_on_a_larger_layer():
     cfg = tk.with_config(block=2048, full_sample_max=0, sample_chunk=16, sample_every=4, chunks_per_program=8,
                          buf_chunk=1024, cap_frac=1.0, margin_sd=6.0)
     for k in (1, 1638, 8192):
-        _same(tk.topk_per_layer(x, [k], config=cfg), ref.topk_per_layer(x, [k]), f"k={k}")
-    assert tk.last_stats["candidates"] == 1 and tk.last_stats["fallback"] == 0, tk.last_stats
-    assert 0 < tk.last_stats["candidate_keys"] < 128 * 128 // 2, tk.last_stats
+        got, stats = tk.topk_per_layer(x, [k], config=cfg, return_stats=True)
+        _same(got, ref.topk_per_layer(x, [k]), f"k={k}")
+    assert stats.candidates == 1 and stats.fallback == 0, stats
+    assert 0 < stats.candidate_keys < 128 * 128 // 2, stats
 
 
 def test_layers_of_very_different_sizes_and_mixed_dtypes():
@@ -324,26 +328,26 @@ def test_single_read_path_matches_reference_and_two_reads(global_mode):
         if global_mode:
             k = sum(ks)
             want = ref.topk_global(layers, k)
-            got = tk.topk_global(layers, k, config=BITS_CFG)
-            stats = dict(tk.last_stats)
-            _same(tk.topk_global(layers, k, config=two_reads), want, f"two reads k={k}")
+            got, stats = tk.topk_global(layers, k, config=BITS_CFG, return_stats=True)
+            two, two_stats = tk.topk_global(layers, k, config=two_reads, return_stats=True)
+            _same(two, want, f"two reads k={k}")
         else:
             want = ref.topk_per_layer(layers, ks)
-            got = tk.topk_per_layer(layers, ks, config=BITS_CFG)
-            stats = dict(tk.last_stats)
-            _same(tk.topk_per_layer(layers, ks, config=two_reads), want, f"two reads ks={ks}")
-        assert tk.last_stats["single_read"] == 0, tk.last_stats
+            got, stats = tk.topk_per_layer(layers, ks, config=BITS_CFG, return_stats=True)
+            two, two_stats = tk.topk_per_layer(layers, ks, config=two_reads, return_stats=True)
+            _same(two, want, f"two reads ks={ks}")
+        assert two_stats.single_read == 0, two_stats
         _same(got, want, f"single read ks={ks}")
-        assert stats["single_read"] >= 1, stats  # the path under test really ran
+        assert stats.single_read >= 1, stats  # the path under test really ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_single_read_path_fused_sources(dtype):
     d, g = _dg(dtype, shapes=[(48, 80), (64, 64), (32, 112)])
     ks = [1500, 400, 2000]
-    _same(tk.topk_from_delta_grad(d, g, "mcs", ks=ks, config=BITS_CFG),
-          ref.topk_from_delta_grad(d, g, "mcs", ks=ks), f"{dtype} per layer")
-    assert tk.last_stats["single_read"] >= 1, tk.last_stats
+    got, stats = tk.topk_from_delta_grad(d, g, "mcs", ks=ks, config=BITS_CFG, return_stats=True)
+    _same(got, ref.topk_from_delta_grad(d, g, "mcs", ks=ks), f"{dtype} per layer")
+    assert stats.single_read >= 1, stats
     _same(tk.topk_from_delta_grad(d, g, "snip", global_k=3000, config=BITS_CFG),
           ref.topk_from_delta_grad(d, g, "snip", global_k=3000), f"{dtype} global")
 
@@ -351,29 +355,30 @@ def test_single_read_path_fused_sources(dtype):
 def test_single_read_not_used_for_16_bit_keys():
     layers = [t.bfloat16() for t in _tied_layers()]
     ks = [700, 1234, 300]
-    _same(tk.topk_per_layer(layers, ks, config=BITS_CFG), ref.topk_per_layer(layers, ks))
-    assert tk.last_stats["single_read"] == 0, tk.last_stats
+    got, stats = tk.topk_per_layer(layers, ks, config=BITS_CFG, return_stats=True)
+    _same(got, ref.topk_per_layer(layers, ks))
+    assert stats.single_read == 0, stats
 
 
 def test_offset_alignment_hint_is_a_true_divisor():
     """The kernels promise the compiler that every layer offset is a multiple of this value."""
-    assert tk._offset_alignment([0, 128, 4096]) == 16
-    assert tk._offset_alignment([0, 24]) == 8
-    assert tk._offset_alignment([0, 6, 16]) == 2
-    assert tk._offset_alignment([0, 3]) == 1
-    assert tk._offset_alignment([0]) == 16
+    assert runtime.offset_alignment([0, 128, 4096]) == 16
+    assert runtime.offset_alignment([0, 24]) == 8
+    assert runtime.offset_alignment([0, 6, 16]) == 2
+    assert runtime.offset_alignment([0, 3]) == 1
+    assert runtime.offset_alignment([0]) == 16
 
 
 def test_layers_at_unaligned_offsets_of_one_buffer():
     """Views into one storage at odd element offsets (no 16-byte alignment) select correctly."""
     buf = torch.randn(5 + 1100 + 3 + 700, device=DEV)
     layers = [buf[5:1105].view(20, 55), buf[1108:1808].view(35, 20)]
-    src = tk._score_source(layers)[0]
-    assert src.a_align == 1
     cfg = tk.with_config(block=256, full_sample_max=0, sample_chunk=8, sample_every=4, chunks_per_program=8,
                          buf_chunk=512, scan_chunk=4, run_chunk=16, cap_frac=1.0)
     ks = [110, 349]
-    _same(tk.topk_per_layer(layers, ks, config=cfg), ref.topk_per_layer(layers, ks), "unaligned views")
+    got, stats = tk.topk_per_layer(layers, ks, config=cfg, return_stats=True)
+    assert stats.offset_alignment == 1  # the offsets 0 and 1103 share no power of two
+    _same(got, ref.topk_per_layer(layers, ks), "unaligned views")
 
 
 def test_bad_inputs():
@@ -423,6 +428,24 @@ def test_bad_inputs():
         tk.topk_from_delta_grad([t.int() for t in d], [t.int() for t in g], ks=[1, 1, 1, 1])
     with pytest.raises(ValueError, match="2-D"):
         tk.topk_from_delta_grad([d[0].reshape(-1)], [g[0].reshape(-1)], ks=[1])
+
+
+def test_stats_describe_each_call():
+    """Statistics come back with the call they describe (no module state): groups, trivial
+    groups and blocks follow the inputs, and a later call leaves an earlier result unchanged."""
+    layers = _rand_layers()  # 1, 21, 768 and 4096 units
+    ks = [0, 21, 100, 4000]  # nothing, everything, and two real selections
+    per_layer = tk.topk_per_layer(layers, ks, config=SUB, return_stats=True)
+    assert isinstance(per_layer, tk.Selection)
+    first = per_layer.stats
+    glob = tk.topk_global(layers, 5, config=SUB, return_stats=True).stats
+    assert per_layer.stats == first
+    assert (first.groups, first.trivial) == (4, 2) and (glob.groups, glob.trivial) == (1, 0)
+    assert first.blocks == glob.blocks == sum(-(-t.numel() // SUB.block) for t in layers)
+    assert first.exact_bracket + first.candidates + first.fallback == 2, first
+    assert first.sampled_units > 0 and first.offset_alignment == 16
+    assert isinstance(tk.topk_per_layer(layers, ks, config=SUB), list)  # the twin's return type
+    _same(per_layer.indices, ref.topk_per_layer(layers, ks))
 
 
 def test_kept_masks_mark_exactly_the_selection():
