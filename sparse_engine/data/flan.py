@@ -267,6 +267,7 @@ def load_flan(
     flat = [i for t in wanted for i in index_of[t]]
     sub = ds.select(flat).select_columns(keep_cols).to_dict()
 
+    caps = {"train": n_train, "test": n_test}  # taken now: the split below reuses the name n_test
     out: dict[str, TaskData] = {}
     pos = 0
     for t in wanted:
@@ -300,7 +301,7 @@ def load_flan(
             val_ids = set(order[n_test: n_test + n_val])
             for i, ex in enumerate(examples):
                 (td.test if i in test_ids else td.validation if i in val_ids else td.train).append(ex)
-        for split, cap in (("train", n_train), ("test", n_test)):
+        for split, cap in caps.items():
             rows = getattr(td, split)
             if cap is not None and len(rows) > cap:
                 keep = sorted(task_rng(seed, f"{split}-cap:{t}").sample(range(len(rows)), int(cap)))

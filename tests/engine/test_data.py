@@ -487,3 +487,62 @@ def test_load_flan_bad_inputs(tmp_path, cache):
     rows_bad_split = [dict(r, split="holdout") for r in rows]
     with pytest.raises(ValueError, match="holdout"):
         load_flan(_write_jsonl(tmp_path / "bs.jsonl", rows_bad_split), cache_dir=cache)
+
+
+@pytest.mark.parametrize("value,kind", [(["a", "b"], "JSON list"), ({"k": 1}, "JSON object"), (7, "number"),
+                                        (True, "boolean")])
+@pytest.mark.parametrize("column", ["source", "target", "task_name"])
+def test_load_flan_refuses_non_text_naming_line_and_column(tmp_path, cache, value, kind, column):
+    rows = _rows(n_tasks=1, per_task=6)
+    rows[3] = dict(rows[3], **{column: value})  # a string column until line 4: no reader may turn it into text
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"d\.jsonl line 4, column '{column}': a {kind} .*not a string"):
+        load_flan(path, cache_dir=cache)
+    # a JSON file holding a list names the row
+    listed = tmp_path / "d.json"
+    listed.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=rf"d\.json row 4, column '{column}'"):
+        load_flan(listed, cache_dir=cache)
+
+
+def test_load_flan_names_the_bad_row_of_a_parquet_file(tmp_path, cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(r, target=[r["target"]]) for r in _rows(n_tasks=1, per_task=4)]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(ValueError, match=r"row 1, column 'target': a JSON list"):
+        load_flan(path, cache_dir=cache)
+
+
+def test_load_flan_names_the_line_of_a_malformed_row(tmp_path, cache):
+    lines = [json.dumps(r) for r in _rows(n_tasks=1, per_task=5)]
+    lines.insert(2, "")  # blank lines are skipped, but still counted
+    lines[4] = lines[4][:-1]  # line 5 loses its closing brace
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl line 5 is not valid JSON"):
+        load_flan(path, cache_dir=cache)
+    (tmp_path / "null.jsonl").write_text(lines[0] + "\n" + json.dumps({"source": "a", "target": None,
+                                                                     "task_name": "t"}) + "\n")
+    with pytest.raises(ValueError, match=r"null\.jsonl line 2 has no value in column 'target'"):
+        load_flan(tmp_path / "null.jsonl", cache_dir=cache)
+
+
+def test_load_flan_caps_train_and_test_only(tmp_path, cache):
+    path = _write_jsonl(tmp_path / "d.jsonl", _rows(n_tasks=2, per_task=50))
+    full = load_flan(path, seed=1, cache_dir=cache)
+    capped = load_flan(path, n_train=7, n_test=3, seed=1, cache_dir=cache)
+    for name, td in capped.items():
+        assert td.sizes == {"train": 7, "validation": 5, "test": 3}
+        assert td.validation == full[name].validation
+        # a sample of the full splits, in their order
+        for split in ("train", "test"):
+            whole = getattr(full[name], split)
+            positions = [whole.index(ex) for ex in getattr(td, split)]
+            assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    assert load_flan(path, n_train=7, n_test=3, seed=1, cache_dir=cache) == capped
+    assert load_flan(path, n_train=1000, seed=1, cache_dir=cache) == full  # a cap above the size changes nothing
+    with pytest.raises(ValueError, match="n_train must be >= 1"):
+        load_flan(path, n_train=0, cache_dir=cache)
