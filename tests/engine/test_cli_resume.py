@@ -100,3 +100,27 @@ def test_ctrl_c_on_a_real_process(tmp_path, tiny_base_dir, capsys):
     capsys.readouterr()
     final = torch.load(checkpoint, weights_only=False)["state"]
     assert final["step"] == 40 and len(final["losses"]) == 40  # the first steps' losses come from the checkpoint
+
+
+@pytest.mark.parametrize("command", ["train", "reproduce", "eval"])
+def test_ctrl_c_says_what_is_left_in_one_line(tmp_path, monkeypatch, capsys, command):
+    """Ctrl-C before any checkpoint: no traceback, exit 130, one line saying what a rerun does."""
+    from sparse_engine.experiments import analysis, experts, reports
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr({"train": experts, "reproduce": analysis, "eval": reports}[command],
+                        {"train": "run_experts", "reproduce": "reproduce", "eval": "evaluate_held"}[command], interrupt)
+    monkeypatch.setattr("sparse_engine.cli._load_model", lambda args: (None, None))
+    out = str(tmp_path / "out")
+    argv = {"train": ["train", "--tasks", "add_one", "--n-train", "8", "--out", out],
+            "reproduce": ["reproduce", "table3", "--held-in", "add_one", "--held-out", "--out", out],
+            "eval": ["eval", "--held-in", "add_one", "--held-out", "--out", out]}[command]
+    assert main([*argv, "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted:"), err
+    expected = {"train": "no checkpoint was written (--checkpoint-every N writes one every N steps)",
+                "reproduce": f"the experts finished so far are kept under {out}; run the same command again",
+                "eval": "`sparse-engine eval` stopped before it finished"}[command]
+    assert expected in err
