@@ -1,7 +1,8 @@
 """One training step per method at Phi-3-mini shape: time and memory held, against LoRA.
 
 Full fine-tuning of the targets, PEFT LoRA (matched rank), PEFT SHiRA (same count), element /
-block sparse adapters in the search and fixed phases, and one mask update, per ``qkv_proj``
+block sparse adapters in the search phase (dense until the first mask update, compact after it) and
+the fixed phase, and one mask update, per ``qkv_proj``
 layer and on a Phi-3-mini-shaped model (``--layers``: 32 on a GPU, 2 on the CPU), methods
 alternated in one process. Rows go to ``benchmarks/results/training.jsonl``; ``--smoke`` runs
 every method once at tiny shapes and records nothing. docs/benchmarks.md has the details.
@@ -20,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "training.jsonl")
 
-STEPS = ("full", "lora", "shira", "element-search", "element-fixed", "block-search", "block-fixed")
+STEPS = ("full", "lora", "shira", "element-search", "element-search-compact", "element-fixed", "block-search",
+         "block-search-compact", "block-fixed")
 OPERATIONS = ("element-update", "block-update", "element-select")
 METHODS = STEPS + OPERATIONS
 PHI3_MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
@@ -192,9 +194,12 @@ class Method:
                                                                 progress=False))
         self.layers = adapter_layers(module)
         self.loss = self.run()
-        if name.endswith("-fixed"):  # the optimizer state moves along, so the next step is warm too
+        if name.endswith(("-fixed", "-compact")):  # the optimizer state moves along: the next step is warm too
             update_masks(module, self.layers, self.loss_fn, config, self.optimizer)
+        if name.endswith("-fixed"):
             freeze_masks(self.layers, self.optimizer)
+        elif name.endswith("-compact"):  # the search phase after its first mask update
+            self.loss = self.run()
 
     def run(self) -> float:
         """One optimizer step; returns the loss."""
@@ -225,8 +230,8 @@ class Method:
             for value in state.values():
                 add(value)
         for layer in self.layers.values():
-            add(layer.mask)
-            add(layer.indices)
+            for buffer in layer.buffers(recurse=False):  # mask, indices, the dense Ŵ of compact search
+                add(buffer)
         for m in self.module.modules():  # PEFT SHiRA keeps its indices in a plain dict, not a buffer
             indices = getattr(m, "shira_indices", None)
             if isinstance(indices, dict):
@@ -300,12 +305,12 @@ def run_scope(torch, scope_name, args, device, dtype, meta, common):
 
     t0 = time.perf_counter()
     methods = {}
-    for name in args.methods:  # the steps first: an operation works on its search-phase method
+    for name in args.methods:  # the steps first: an operation works on a search-phase method
         if name in STEPS:
             methods[name] = Method(torch, scope, name, args, config_of(name), lora_rank)
     for name in args.methods:
-        if name in OPERATIONS:
-            search = name.split("-")[0] + "-search"
+        if name in OPERATIONS:  # updates after the first one: on compact search storage
+            search = _operand(name)
             if search not in methods:
                 methods[search] = Method(torch, scope, search, args, config_of(name), lora_rank)
             methods[name] = Operation(name, methods[search])
@@ -349,10 +354,15 @@ def run_scope(torch, scope_name, args, device, dtype, meta, common):
             if row["held_bytes"] is not None:
                 row["held_vs_lora"] = round(row["held_bytes"] / lora["held_bytes"], 3)
         if row["kind"] != "step":  # an operation against one step of the method it works on
-            search = by_method[row["method"].split("-")[0] + "-search"]
+            search = by_method[_operand(row["method"])]
             row["ms_vs_search_step"] = round(row["ms_min"] / search["ms_min"], 3)
     del methods, scope
     return rows
+
+
+def _operand(operation: str) -> str:
+    """The search-phase method a mask update or selection works on."""
+    return operation.split("-")[0] + "-search-compact"
 
 
 def _load_avg():
@@ -364,13 +374,13 @@ def _load_avg():
 
 
 def _print_rows(rows):
-    print(f"{'scope':5s} {'method':15s} {'ms min':>9s} {'ms med':>9s} {'x LoRA':>7s} {'held MiB':>9s} "
+    print(f"{'scope':5s} {'method':22s} {'ms min':>9s} {'ms med':>9s} {'x LoRA':>7s} {'held MiB':>9s} "
           f"{'x LoRA':>7s} {'peak MiB':>9s} {'trainable':>11s}")
     for r in rows:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
 
-        print(f"{r['scope']:5s} {r['method']:15s} {r['ms_min']:9.1f} {r['ms_median']:9.1f} "
+        print(f"{r['scope']:5s} {r['method']:22s} {r['ms_min']:9.1f} {r['ms_median']:9.1f} "
               f"{f(r.get('ms_vs_lora'), '7.2f'):>7s} {f(r['held_mib'], '9.1f'):>9s} "
               f"{f(r.get('held_vs_lora'), '7.2f'):>7s} {f(r['step_peak_mib'], '9.1f'):>9s} "
               f"{f(r['trainable_params'], '11d'):>11s}", flush=True)
@@ -391,6 +401,10 @@ def _check_smoke(rows) -> list[str]:
             s, f = by.get((scope, f"{kind}-search")), by.get((scope, f"{kind}-fixed"))
             if s and f and not f["held_bytes"] < s["held_bytes"]:
                 problems.append(f"{scope}/{kind}: fixed holds {f['held_bytes']} B, search {s['held_bytes']} B")
+            c, full = by.get((scope, f"{kind}-search-compact")), by.get((scope, "full"))
+            if scope == "layer" and c and full and not c["held_bytes"] <= 0.4 * full["held_bytes"]:
+                problems.append(f"{scope}/{kind}: the search phase after its first update holds "
+                                f"{c['held_bytes'] / full['held_bytes']:.2f}× full fine-tuning, not <= 0.4×")
         lora, shira = by.get((scope, "lora")), by.get((scope, "shira"))
         if lora and shira and lora["trainable_params"] != shira["trainable_params"]:
             problems.append(f"{scope}: LoRA trains {lora['trainable_params']}, SHiRA {shira['trainable_params']}")

@@ -9,6 +9,7 @@ then broadcast, so the masks are identical by construction. docs/distributed.md 
 from __future__ import annotations
 
 import inspect
+import sys
 import os
 from datetime import timedelta
 
@@ -219,8 +220,7 @@ def refuse_sharded(tensor: torch.Tensor, where: str) -> None:
 
 
 def _is_dtensor(tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(tensor, DTensor)
+    # A DTensor exists only once its module was imported; importing it here would pull in
+    # sympy and ~40 MB of modules for every model that never meets FSDP.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)

@@ -5,26 +5,32 @@ Tensors per adapted layer ``L`` (the qualified name of the replaced ``nn.Linear`
 + ``L.block_indices`` int32 (block-sparse). The safetensors metadata key
 ``sparse_engine`` holds JSON: format version, base model id and fingerprint, the adapter
 config, and every layer's shape. Files are written atomically (temp file + rename) and
-everything is checked against the model on load.
+everything is checked against the model on load. Reading puts each tensor straight into its
+own memory (no memory map, no second copy) and loads into compact storage: loading costs
+the adapter's bytes, never a dense Ŵ.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sparse_engine._files import atomic_write
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
-from sparse_engine.model import adapter_config, adapter_layers, attach, base_linear
+from sparse_engine.model import adapter_config, adapter_layers, attach, base_linear, find_target_linears
 
 FORMAT_VERSION = 1
 METADATA_KEY = "sparse_engine"
+_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own bound on its JSON header
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
 
 def base_model_id(model: nn.Module) -> str:
@@ -111,15 +117,50 @@ def write_adapter(path, deltas: dict[str, SparseDelta | BlockSparseDelta], *, co
     return path
 
 
+def read_safetensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, each tensor read from the file straight into
+    its own CPU memory: no memory map stays resident beside the copy, so reading costs the
+    tensors' bytes once. Raises ``ValueError`` on a truncated or malformed file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _HEADER_LIMIT):
+            raise ValueError(f"its header claims {n} bytes, more than the file holds ({size})")
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        start, tensors = 8 + n, {}
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name} has dtype {info['dtype']}, not one of {sorted(_DTYPES)}")
+            shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if min(shape, default=0) < 0 or end - begin != nbytes or begin < 0 or start + end > size:
+                raise ValueError(f"tensor {name} ({info['dtype']} {shape}) does not fit its bytes "
+                                 f"[{begin}, {end}) of the file's {size - start}")
+            tensor = torch.empty(shape, dtype=dtype)
+            if nbytes:
+                f.seek(start + begin)
+                if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+                    raise ValueError(f"tensor {name} is cut short")
+            tensors[name] = tensor
+    return metadata, tensors
+
+
 def read_adapter(path) -> tuple[dict, dict[str, SparseDelta | BlockSparseDelta]]:
     """(metadata, deltas by layer name) from an adapter file, validated; no model needed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get(METADATA_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata, tensors = read_safetensors(path)
+        raw_meta = metadata.get(METADATA_KEY)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {exc}") from exc
     if raw_meta is None:
@@ -146,41 +187,47 @@ def load_adapter(model: nn.Module, path, *, check_base: bool = True) -> nn.Modul
 
     Checked before anything changes: layer names, shapes and kind against the model,
     and (``check_base``) the base model's fingerprint, so an adapter trained on another
-    base refuses to load.
+    base refuses to load. The file's entries go straight into compact (fixed-phase) storage.
     """
     meta, deltas = read_adapter(path)
     file_config = SparseAdapterConfig.from_dict(meta["config"])
-    attached_here = False
-    if not adapter_layers(model):
-        attach(model, file_config)
-        attached_here = True
-    try:
-        layers = adapter_layers(model)
-        if set(layers) != set(deltas):
-            missing, extra = sorted(set(deltas) - set(layers)), sorted(set(layers) - set(deltas))
+    layers = adapter_layers(model)
+    if layers:
+        kinds = {name: (layer.shape, layer.block_size) for name, layer in layers.items()}
+    else:
+        kinds = {name: ((lin.out_features, lin.in_features), file_config.block_size)
+                 for name, lin in find_target_linears(model, file_config.target_modules).items()}
+    if set(kinds) != set(deltas):
+        missing, extra = sorted(set(deltas) - set(kinds)), sorted(set(kinds) - set(deltas))
+        raise ValueError(
+            f"{path} does not fit this model: layers only in the file {missing[:3]}, only in the model {extra[:3]}"
+        )
+    for name, delta in deltas.items():
+        shape, block_size = kinds[name]
+        if tuple(delta.shape) != tuple(shape):
             raise ValueError(
-                f"{path} does not fit this model: layers only in the file {missing[:3]}, only in the model {extra[:3]}"
+                f"{path} does not fit this model: layer {name} is {tuple(delta.shape)} in the file, {tuple(shape)} "
+                "in the model"
             )
-        for name, delta in deltas.items():
-            if tuple(delta.shape) != layers[name].shape:
-                raise ValueError(
-                    f"{path} does not fit this model: layer {name} is {tuple(delta.shape)} in the file, "
-                    f"{layers[name].shape} in the model"
-                )
-            if (layers[name].block_size is None) != isinstance(delta, SparseDelta):
-                raise ValueError(f"{path}: layer {name} is element/block-sparse in the file but not in the model")
-        if check_base and meta.get("base_fingerprint") != base_fingerprint(model):
+        file_block = delta.block_size if isinstance(delta, BlockSparseDelta) else None
+        if file_block != block_size:
+            raise ValueError(f"{path}: layer {name} is {_kind(file_block)} in the file but {_kind(block_size)} in "
+                             "the model")
+    if check_base:
+        mine = base_fingerprint(model, list(deltas))
+        if meta.get("base_fingerprint") != mine:
             raise ValueError(
                 f"{path} was trained on another base model ({meta.get('base_model')!r}, fingerprint "
-                f"{meta.get('base_fingerprint')}); this model's fingerprint is {base_fingerprint(model)}. "
+                f"{meta.get('base_fingerprint')}); this model's fingerprint is {mine}. "
                 "Pass check_base=False to load it anyway."
             )
-    except Exception:
-        if attached_here:
-            from sparse_engine.model import detach
-
-            detach(model)
-        raise
+    if not layers:
+        attach(model, file_config, initial=deltas)
+        return model
     for name, delta in deltas.items():
-        layers[name].load_sparse(delta)
+        layers[name].load_sparse(delta, copy=False)  # the file's fresh tensors: no second copy
     return model
+
+
+def _kind(block_size: int | None) -> str:
+    return "element-sparse" if block_size is None else f"block-sparse (B={block_size})"

@@ -1,20 +1,19 @@
 """``SparseAdapterLinear``: a drop-in wrapper of ``nn.Linear`` holding a sparse delta.
 
-Storage phases (Algorithm 1 of the paper):
+Phases of Algorithm 1: **search** (mask epochs: the mask may change) and **fixed** (after
+them). Storage, one of three (README, "Memory of training"):
 
-* **search** (mask epochs): ``delta`` is a dense fp32 Ŵ ``[d_out, d_in]`` and ``mask`` a
-  bool ``[d_out, d_in]`` buffer; the forward uses W + Ŵ⊙M. Entries outside the mask keep
-  their last value (frozen, invisible to the forward) so that a score such as MCS = Ŵ·g
-  can select them again; their optimizer moments are cleared when they leave the mask.
-* **fixed** (after the mask epochs): ``delta`` holds only the kept entries — fp32
-  ``[nnz]`` values (element-sparse) or ``[n, B, B]`` blocks (block-sparse) — and
-  ``indices`` the int32 sorted flat element indices or block ids. The dense Ŵ, the mask
-  and their optimizer state are gone.
+* dense search (until the first mask update, Ŵ starts at 0 with M = 1): ``delta`` is the
+  dense fp32 Ŵ ``[d_out, d_in]``, ``mask`` a bool buffer of the same shape;
+* compact search (after it): ``delta`` holds the kept entries only and ``indices`` their
+  int32 sorted flat element indices or tile ids; ``delta_dense`` keeps every entry's last
+  value (a buffer, no gradient or optimizer state), so that a score such as MCS = Ŵ·g can
+  select an entry again;
+* fixed: ``delta`` + ``indices`` as above; ``delta_dense`` is gone.
 
-The switch replaces ``delta`` by a new ``nn.Parameter`` of the compact shape (autograd
-caches a leaf's shape, so resizing ``.data`` in place is not an option); the training code
-swaps it into the optimizer and moves the kept entries' state along
-(``sparse_engine.masking.freeze_masks``).
+A change of storage replaces ``delta`` by a new ``nn.Parameter`` (autograd caches a leaf's
+shape); ``sparse_engine.masking`` swaps it into the optimizer and moves the kept entries'
+state along.
 """
 from __future__ import annotations
 
@@ -55,7 +54,10 @@ class LinearWrapper(nn.Module):
 class SparseAdapterLinear(LinearWrapper):
     """y = x (W + ΔW)ᵀ + b with a trainable sparse ΔW; W and b frozen and never modified."""
 
-    def __init__(self, base: nn.Linear, config: SparseAdapterConfig, name: str = ""):
+    def __init__(self, base: nn.Linear, config: SparseAdapterConfig, name: str = "",
+                 initial: SparseDelta | BlockSparseDelta | None = None):
+        """``initial``: start in the fixed phase with these entries (a loaded adapter, taken
+        without a copy and without ever allocating the dense Ŵ); default Ŵ = 0, M = 1."""
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SparseAdapterLinear wraps nn.Linear, got {type(base).__name__} for {name!r}")
@@ -72,17 +74,23 @@ class SparseAdapterLinear(LinearWrapper):
         self.keep_ratio = config.keep_ratio
         self.block_size = bs
         self.backend = config.backend
+        self.compact_search = config.compact_search
         self.phase = SEARCH
         self._base_requires_grad = (base.weight.requires_grad, None if base.bias is None else base.bias.requires_grad)
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        self.delta = nn.Parameter(torch.zeros(d_out, d_in, dtype=torch.float32, device=base.weight.device))
-        self.register_buffer("mask", torch.ones(d_out, d_in, dtype=torch.bool, device=base.weight.device))
-        self.register_buffer("indices", None)
         self.mask_ignored = False
         self.score_sink = None
         self._kernel_aux = None  # (source tensor, its version, Triton index layout): see _kernel_layout
+        self.register_buffer("mask", None)
+        self.register_buffer("indices", None)
+        self.register_buffer("delta_dense", None)
+        if initial is not None:
+            self.load_sparse(initial, copy=False)
+        else:
+            self.delta = nn.Parameter(torch.zeros(d_out, d_in, dtype=torch.float32, device=base.weight.device))
+            self.mask = torch.ones(d_out, d_in, dtype=torch.bool, device=base.weight.device)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -90,9 +98,28 @@ class SparseAdapterLinear(LinearWrapper):
         return (self.out_features, self.in_features)
 
     @property
+    def dense_storage(self) -> bool:
+        """True while ``delta`` is the dense Ŵ (search phase, until the first mask update)."""
+        return self.mask is not None
+
+    @property
+    def search_delta(self) -> torch.Tensor:
+        """The dense Ŵ of the search phase, every entry (the parameter, or in compact storage
+        the ``delta_dense`` buffer as of the last ``sync_search_delta``)."""
+        if self.phase == FIXED:
+            raise RuntimeError(f"{self.name}: the fixed phase keeps no dense Ŵ")
+        return self.delta if self.dense_storage else self.delta_dense
+
+    def sync_search_delta(self) -> None:
+        """Compact search storage: write the kept entries' current values into ``delta_dense``."""
+        if self.phase == SEARCH and not self.dense_storage:
+            with torch.no_grad():
+                self.delta_dense.view(-1)[self.compact_gather_index()] = self.delta.detach().reshape(-1)
+
+    @property
     def kept_count(self) -> int:
         """Number of kept units: elements (element-sparse) or tiles (block-sparse)."""
-        if self.phase == FIXED:
+        if not self.dense_storage:
             return int(self.indices.numel())
         if self.block_size is None:
             return int(self.mask.sum())
@@ -118,7 +145,7 @@ class SparseAdapterLinear(LinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = self.kernels
-        if self.phase == SEARCH:
+        if self.dense_storage:
             if (self.block_size is not None and kernels.triton and not self.mask_ignored
                     and self.score_sink is None):
                 # the kernels train a block layer's search phase on its kept tiles only
@@ -128,6 +155,10 @@ class SparseAdapterLinear(LinearWrapper):
             mask = None if self.mask_ignored else self.mask
             return ops.MaskedDeltaLinear.apply(
                 x, self.base.weight, self.base.bias, self.delta, mask, kernels, self.score_sink
+            )
+        if self.mask_ignored:  # the score pass of compact search storage: W + every entry of Ŵ
+            return ops.MaskedDeltaLinear.apply(
+                x, self.base.weight, self.base.bias, self.delta_dense, None, kernels, self.score_sink
             )
         if self.indices.numel() == 0:  # dropped layer (layer drop): nothing to add
             return F.linear(x, self.base.weight, self.base.bias)
@@ -151,7 +182,7 @@ class SparseAdapterLinear(LinearWrapper):
         if cached is not None and cached[0] is source and cached[1] == version:
             return cached[2]
         with torch.inference_mode(False):
-            if self.phase == SEARCH:
+            if self.dense_storage:
                 layout = kernels.block_layout(self.kept_units(), self.shape, self.block_size)
             elif self.block_size is None:
                 layout = kernels.compact_layout(self.indices, self.shape)
@@ -170,7 +201,7 @@ class SparseAdapterLinear(LinearWrapper):
                                "data parallelism with DDP, not FSDP")
         distributed.refuse_sharded(delta, where)
         distributed.refuse_sharded(self.base.weight, f"the weight under {where}")
-        expected = self.shape if self.phase == SEARCH else (
+        expected = self.shape if self.dense_storage else (
             tuple(self.indices.shape) if self.block_size is None
             else (self.indices.numel(), self.block_size, self.block_size))
         if tuple(delta.shape) != tuple(expected) or tuple(self.base.weight.shape) != self.shape:
@@ -185,6 +216,8 @@ class SparseAdapterLinear(LinearWrapper):
         """
         if self.phase != SEARCH:
             raise RuntimeError(f"{self.name}: the mask is frozen (fixed phase); it can no longer change")
+        if not self.dense_storage:
+            raise RuntimeError(f"{self.name}: the search phase holds compact storage; use keep_units")
         n_units = self._unit_grid()[0] * self._unit_grid()[1]
         tiles = torch.zeros(n_units, dtype=torch.bool, device=self.mask.device)
         tiles[kept.long()] = True
@@ -195,7 +228,7 @@ class SparseAdapterLinear(LinearWrapper):
 
     def kept_units(self) -> torch.Tensor:
         """int32 sorted flat indices of kept elements (or tile ids in block mode)."""
-        if self.phase == FIXED:
+        if not self.dense_storage:
             return self.indices
         units = self.mask if self.block_size is None else self.mask[:: self.block_size, :: self.block_size]
         return units.reshape(-1).nonzero().flatten().to(torch.int32)
@@ -205,9 +238,18 @@ class SparseAdapterLinear(LinearWrapper):
             return self.shape
         return (self.out_features // self.block_size, self.in_features // self.block_size)
 
-    def compact_gather_index(self) -> torch.Tensor:
-        """Flat dense positions, in the order the fixed-phase storage lays the kept entries out."""
-        kept = self.kept_units().long()
+    def element_mask(self) -> torch.Tensor:
+        """The dense bool mask M of the kept entries, whatever the storage."""
+        if self.dense_storage:
+            return self.mask
+        mask = torch.zeros(self.shape, dtype=torch.bool, device=self.indices.device)
+        mask.view(-1)[self.compact_gather_index()] = True
+        return mask
+
+    def compact_gather_index(self, units: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat dense positions, in the order compact storage lays out the entries of the kept
+        units (or of ``units``, sorted element indices or tile ids)."""
+        kept = (self.kept_units() if units is None else units).long()
         if self.block_size is None:
             return kept
         bs = self.block_size
@@ -219,10 +261,63 @@ class SparseAdapterLinear(LinearWrapper):
         cols = col0[:, None, None] + r[None, None, :]
         return (rows * self.in_features + cols).reshape(-1)
 
-    def freeze(self) -> torch.Tensor:
-        """Switch to compact storage (a new ``delta`` parameter); returns the gather index used."""
+    def keep_units(self, kept: torch.Tensor) -> tuple[nn.Parameter, torch.Tensor]:
+        """Search phase, into compact storage: keep the units at int32 sorted flat ``kept``
+        (tile ids in block mode), each starting from its last value in Ŵ.
+
+        Returns (the previous ``delta``, source): ``source[i]`` is the flat position in the
+        previous ``delta`` of entry ``i`` of the new one, -1 for an entry that was not kept
+        before (it starts with fresh optimizer moments). ``delta`` stays the same parameter,
+        overwritten, when its shape does not change (one more update at a per-layer k)."""
+        if self.phase != SEARCH:
+            raise RuntimeError(f"{self.name}: the mask is frozen (fixed phase); it can no longer change")
+        kept = kept.to(device=self.delta.device, dtype=torch.int32).contiguous()
+        units = self._unit_grid()[0] * self._unit_grid()[1]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= units or bool((kept[1:] <= kept[:-1]).any())):
+            raise ValueError(f"{self.name}: kept units must be sorted, distinct and in [0, {units})")
+        old = self.delta
+        gather = self.compact_gather_index(kept)
+        if self.dense_storage:
+            dense = old.detach()
+            source = torch.where(self.mask.reshape(-1)[gather], gather, -1)
+        else:
+            self.sync_search_delta()
+            dense = self.delta_dense
+            before, now = self.indices.long(), kept.long()
+            pos = torch.searchsorted(before, now).clamp(max=max(before.numel() - 1, 0))
+            hit = before[pos] == now if before.numel() else torch.zeros_like(now, dtype=torch.bool)
+            unit_source = torch.where(hit, pos, -1)
+            if self.block_size is not None:
+                per_tile = self.block_size**2
+                offsets = torch.arange(per_tile, device=kept.device)
+                unit_source = torch.where(unit_source[:, None] >= 0, unit_source[:, None] * per_tile + offsets, -1)
+            source = unit_source.reshape(-1)
+        values = dense.reshape(-1)[gather]
+        if self.block_size is not None:
+            values = values.view(-1, self.block_size, self.block_size)
+        if not self.dense_storage and tuple(values.shape) == tuple(old.shape):
+            with torch.no_grad():
+                old.copy_(values)
+            old.grad = None  # laid out for the previous units
+        else:
+            self.delta = nn.Parameter(values.contiguous())
+        if self.dense_storage:
+            self.delta_dense = dense  # the old parameter's storage: every entry's last value
+            self.mask = None
+        self.indices = kept
+        self._kernel_aux = None
+        return old, source
+
+    def freeze(self) -> torch.Tensor | None:
+        """Freeze the mask: compact storage, no dense Ŵ. From dense storage ``delta`` becomes a
+        new parameter and the gather index used is returned; from compact search storage the
+        parameter stays and None is returned."""
         if self.phase == FIXED:
             raise RuntimeError(f"{self.name}: already in the fixed phase")
+        if not self.dense_storage:
+            self.delta_dense = None
+            self.phase = FIXED
+            return None
         gather = self.compact_gather_index()
         kept = self.kept_units()
         values = self.delta.data.reshape(-1)[gather]
@@ -238,7 +333,7 @@ class SparseAdapterLinear(LinearWrapper):
     # -------------------------------------------------------------- import / export
     def delta_weight(self) -> torch.Tensor:
         """The dense fp32 ΔW this layer adds to W (Ŵ⊙M in the search phase)."""
-        if self.phase == SEARCH:
+        if self.dense_storage:
             return self.delta.detach() * self.mask
         if self.block_size is None:
             return ref.densify_compact(self.delta.detach(), self.indices, self.shape)
@@ -247,15 +342,19 @@ class SparseAdapterLinear(LinearWrapper):
     def to_sparse(self) -> SparseDelta | BlockSparseDelta:
         """The adapter as a validated container (fixed or search phase)."""
         self.check_unsharded()
-        values = self.delta.detach().reshape(-1)[self.compact_gather_index()] if self.phase == SEARCH else self.delta.detach()
+        values = (self.delta.detach().reshape(-1)[self.compact_gather_index()] if self.dense_storage
+                  else self.delta.detach())
         kept = self.kept_units()
         if self.block_size is None:
             return SparseDelta(self.shape, values.float().contiguous(), kept.contiguous())
         blocks = values.reshape(-1, self.block_size, self.block_size).float().contiguous()
         return BlockSparseDelta(self.shape, blocks, kept.contiguous())
 
-    def load_sparse(self, delta: SparseDelta | BlockSparseDelta) -> None:
-        """Take a saved adapter: fixed phase with ``delta``'s entries (checked against this layer)."""
+    def load_sparse(self, delta: SparseDelta | BlockSparseDelta, copy: bool = True) -> None:
+        """Take a saved adapter: fixed phase with ``delta``'s entries (checked against this layer).
+
+        ``copy=False`` adopts ``delta``'s tensors when they are fp32 on the layer's device
+        (a freshly read file: no second copy); training then writes into them."""
         if tuple(delta.shape) != self.shape:
             raise ValueError(f"{self.name}: adapter shape {tuple(delta.shape)} does not match the layer {self.shape}")
         is_block = isinstance(delta, BlockSparseDelta)
@@ -267,39 +366,65 @@ class SparseAdapterLinear(LinearWrapper):
             values, kept = delta.blocks, delta.block_indices
         else:
             values, kept = delta.values, delta.indices
-        # A copy: training must never write into the caller's tensors (e.g. a loaded file's).
-        self.delta = nn.Parameter(values.to(device=device, dtype=torch.float32, copy=True).contiguous())
-        self.indices = kept.to(device).contiguous()
+        # By default a copy: training must never write into the caller's tensors.
+        self.delta = nn.Parameter(values.to(device=device, dtype=torch.float32, copy=copy).contiguous())
+        self.indices = kept.to(device=device, dtype=torch.int32).contiguous()
         self.mask = None
+        self.delta_dense = None
         self.phase = FIXED
         self._kernel_aux = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A state dict records its storage phase: ``indices`` (fixed) or ``mask`` (search). A
-        # checkpoint of the other phase (the Trainer resuming after the freeze, or loading a
-        # best model saved during the mask epochs) switches this layer to that phase first, so
-        # the tensors fit; the caller's optimizer must then be (re)built, as the Trainer does.
-        delta = state_dict.get(prefix + "delta")
-        if torch.is_tensor(delta):
-            if prefix + "indices" in state_dict and self.phase == SEARCH:
-                self._adopt_phase(FIXED, delta, state_dict[prefix + "indices"])
-            elif prefix + "mask" in state_dict and self.phase == FIXED:
-                self._adopt_phase(SEARCH, delta, state_dict[prefix + "mask"])
+        # A state dict records its storage: ``mask`` (dense search), ``indices`` + ``delta_dense``
+        # (compact search) or ``indices`` alone (fixed). A checkpoint of another storage (the
+        # Trainer resuming after a mask update or the freeze, or loading a best model saved
+        # earlier) switches this layer to it first, so the tensors fit; the caller's optimizer
+        # must then be (re)built, as the Trainer does.
+        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        incoming = ("dense" if "mask" in keys else "compact" if "delta_dense" in keys
+                    else "fixed" if "indices" in keys else None)
+        if incoming is not None and torch.is_tensor(state_dict.get(prefix + "delta")) and incoming != self.storage:
+            self._adopt_storage(incoming, {k: state_dict[prefix + k] for k in ("delta", "mask", "indices")
+                                           if k in keys})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _adopt_phase(self, phase: str, delta: torch.Tensor, index: torch.Tensor) -> None:
-        """Empty storage of ``phase`` shaped like the incoming ``delta`` / ``indices`` or ``mask``."""
+    @property
+    def storage(self) -> str:
+        """``dense`` (search), ``compact`` (search) or ``fixed``."""
+        return "dense" if self.dense_storage else "compact" if self.phase == SEARCH else "fixed"
+
+    def _adopt_storage(self, storage: str, like: dict[str, torch.Tensor]) -> None:
+        """Empty storage of kind ``storage``, shaped like the incoming tensors ``like``."""
         device = self.base.weight.device
-        self.delta = nn.Parameter(torch.zeros(delta.shape, dtype=torch.float32, device=device))
-        if phase == FIXED:
-            self.indices = torch.zeros(index.shape, dtype=torch.int32, device=device)
-            self.mask = None
-        else:
-            self.mask = torch.zeros(index.shape, dtype=torch.bool, device=device)
-            self.indices = None
-        self.phase = phase
+        self.delta = nn.Parameter(torch.zeros(like["delta"].shape, dtype=torch.float32, device=device))
+        self.mask = torch.zeros(self.shape, dtype=torch.bool, device=device) if storage == "dense" else None
+        self.indices = (None if storage == "dense"
+                        else torch.zeros(like["indices"].shape, dtype=torch.int32, device=device))
+        self.delta_dense = (torch.zeros(self.shape, dtype=torch.float32, device=device) if storage == "compact"
+                            else None)
+        self.phase = FIXED if storage == "fixed" else SEARCH
+        self._kernel_aux = None
+
+    def restore(self, storage: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Set this layer's storage from a checkpoint's ``tensors`` (``delta`` and ``mask``,
+        ``indices``, ``delta_dense`` as ``storage`` needs them), copied; ``delta`` becomes a
+        new parameter when its shape or the storage changes."""
+        needed = {"dense": ("delta", "mask"), "compact": ("delta", "indices", "delta_dense"),
+                  "fixed": ("delta", "indices")}[storage]
+        missing = [k for k in needed if tensors.get(k) is None]
+        if missing:
+            raise ValueError(f"{self.name}: a {storage} checkpoint of this layer lacks {missing}")
+        for key in ("mask", "delta_dense"):
+            if key in needed and tuple(tensors[key].shape) != self.shape:
+                raise ValueError(f"{self.name}: the checkpoint's {key} is {tuple(tensors[key].shape)}, "
+                                 f"the layer {self.shape}")
+        if storage != self.storage or tuple(tensors["delta"].shape) != tuple(self.delta.shape):
+            self._adopt_storage(storage, tensors)
+        with torch.no_grad():
+            for key in needed:
+                getattr(self, key).copy_(tensors[key])
         self._kernel_aux = None
 
     def to_linear(self, merge: bool) -> nn.Linear:

@@ -8,10 +8,11 @@
 * ``select``: exactly k units kept per layer (k = keep_ratio·d_out·d_in elements, or
   keep_ratio·d_out·d_in/B² tiles), ties broken by the lower flat index; with layer drop
   one global threshold over every layer's scores keeps k = Σ k_l units overall (Eq. 5-6).
-* ``apply_masks``: new masks in, optimizer moments of entries that left the mask cleared
-  (they keep their value, frozen, and restart with fresh moments if selected again).
-* ``freeze_masks``: the switch to compact storage, carrying the kept entries' optimizer
-  state over and dropping the dense Ŵ, its gradient and its state.
+* ``apply_masks``: new masks in; entries that leave the mask keep their value (frozen) and
+  restart with fresh optimizer moments if selected again. With ``compact_search`` (the
+  default) the layer moves to compact storage at the first update and the kept entries'
+  optimizer state moves with them; otherwise the moments outside the mask are cleared.
+* ``freeze_masks``: the switch to the fixed phase, dropping every dense Ŵ and its state.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def score_mode(model: nn.Module, layers: dict[str, SparseAdapterLinear], sinks: 
         for p in model.parameters():
             p.requires_grad_(False)
         for name, layer in layers.items():
-            layer.delta.requires_grad_(True)
+            layer.sync_search_delta()
+            layer.search_delta.requires_grad_(True)
             layer.mask_ignored = True
             layer.score_sink = sinks[name]
         yield
@@ -56,6 +58,8 @@ def score_mode(model: nn.Module, layers: dict[str, SparseAdapterLinear], sinks: 
         for layer in layers.values():
             layer.mask_ignored = False
             layer.score_sink = None
+            if not layer.dense_storage:
+                layer.search_delta.requires_grad_(False)
 
 
 def compute_scores(
@@ -98,7 +102,8 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int], group
     def sink_for(name: str, layer: SparseAdapterLinear):
         def sink(dy, x):
             if name in direct_ks and forward_calls[name] == 1:
-                units = ops.delta_score_topk(dy, x, layer.delta.detach(), direct_ks[name], kind, layer.kernels)
+                units = ops.delta_score_topk(dy, x, layer.search_delta.detach(), direct_ks[name], kind,
+                                             layer.kernels)
                 if units.numel() < direct_ks[name]:  # NaN scores are never selected
                     raise FloatingPointError(f"NaN in the mask score of {name}")
                 kept[name] = units
@@ -106,7 +111,7 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int], group
             if reduce_grad:
                 s = ops.delta_grad(dy, x, layer.kernels)
             else:
-                s = ops.delta_score(dy, x, layer.delta.detach(), kind, layer.block_size, layer.kernels)
+                s = ops.delta_score(dy, x, layer.search_delta.detach(), kind, layer.block_size, layer.kernels)
             scores[name] = s if name not in scores else scores[name] + s
 
         return sink
@@ -118,7 +123,10 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int], group
         return hook
 
     if kind == "wm":
-        return {n: ref.delta_score(None, None, l.delta.detach(), "wm", l.block_size) for n, l in search.items()}, {}
+        for layer in search.values():
+            layer.sync_search_delta()
+        return {n: ref.delta_score(None, None, l.search_delta.detach(), "wm", l.block_size)
+                for n, l in search.items()}, {}
     hooks = [layer.register_forward_hook(count_call(name)) for name, layer in search.items()]
     with score_mode(model, search, {n: sink_for(n, l) for n, l in search.items()}):
         try:
@@ -139,7 +147,7 @@ def _score_pass(model, layers, loss_fn, config, direct_ks: dict[str, int], group
         names = [n for n in search if n in scores]
         distributed.all_reduce_sum_([scores[n] for n in names], group)
         if reduce_grad:
-            scores = {n: ref.delta_grad_score(search[n].delta.detach(), scores[n], kind, search[n].block_size)
+            scores = {n: ref.delta_grad_score(search[n].search_delta.detach(), scores[n], kind, search[n].block_size)
                       for n in names}
     for name, s in scores.items():
         if torch.isnan(s).any():
@@ -194,7 +202,9 @@ def select(
 def _select_by_weight_magnitude(layers: dict[str, SparseAdapterLinear], config: SparseAdapterConfig):
     """``wm``: top k of |Ŵ| straight from Ŵ (the Triton top-k computes |Ŵ| on the fly)."""
     names = list(layers)
-    deltas = [layers[n].delta.detach() for n in names]
+    for name in names:
+        layers[name].sync_search_delta()
+    deltas = [layers[n].search_delta.detach() for n in names]
     ks = [config.kept_count(*layers[n].shape) for n in names]
     impl = _topk_impl(layers)
     per_layer, global_k = (None, sum(ks)) if config.layer_drop else (ks, None)
@@ -211,7 +221,8 @@ def _grow_and_drop(grow_scores: dict[str, torch.Tensor], layers, config: SparseA
     drop_scores, currents = [], []
     for name in names:
         layer = layers[name]
-        weight_mag = ref.delta_score(None, None, layer.delta.detach(), "wm", layer.block_size).reshape(-1)
+        layer.sync_search_delta()
+        weight_mag = ref.delta_score(None, None, layer.search_delta.detach(), "wm", layer.block_size).reshape(-1)
         current = torch.zeros(weight_mag.numel(), dtype=torch.bool, device=weight_mag.device)
         current[layer.kept_units().long()] = True
         currents.append(current)
@@ -242,11 +253,16 @@ def _clear_state_outside(optimizer, param: torch.Tensor, keep: torch.Tensor) -> 
 
 
 def apply_masks(layers: dict[str, SparseAdapterLinear], kept: dict[str, torch.Tensor], optimizer=None) -> None:
-    """Install new masks. Optimizer moments of every entry outside its new mask are cleared."""
+    """Install new masks. An entry newly in a mask starts with fresh optimizer moments; one
+    that stays keeps its own."""
     for name, units in kept.items():
         layer = layers[name]
-        mask = layer.set_mask(units)
-        _clear_state_outside(optimizer, layer.delta, mask)
+        if layer.compact_search:
+            old, source = layer.keep_units(units)
+            replace_parameter(optimizer, old, layer.delta, source)
+        else:
+            mask = layer.set_mask(units)
+            _clear_state_outside(optimizer, layer.delta, mask)
 
 
 def update_masks(model, layers, loss_fn, config: SparseAdapterConfig, optimizer=None, group=None) -> dict[str, int]:
@@ -270,10 +286,12 @@ def update_masks(model, layers, loss_fn, config: SparseAdapterConfig, optimizer=
 
 
 def replace_parameter(optimizer, old: nn.Parameter, new: nn.Parameter, gather: torch.Tensor | None = None) -> None:
-    """Put ``new`` where ``old`` is in ``optimizer``; with ``gather``, move the state along.
+    """Put ``new`` where ``old`` is in ``optimizer`` (``new`` may be ``old``, rewritten in
+    place); with ``gather``, move the state along.
 
     State tensors shaped like ``old`` become ``state.reshape(-1)[gather]`` in ``new``'s
-    shape (kept entries' Adam moments carried over); without ``gather`` the state is dropped.
+    shape (kept entries' Adam moments carried over), zero where ``gather`` is -1 (entries new
+    to the mask); without ``gather`` the state is dropped.
     """
     if optimizer is None:
         return
@@ -291,10 +309,18 @@ def replace_parameter(optimizer, old: nn.Parameter, new: nn.Parameter, gather: t
             )
             return
         inner.state[new] = {
-            key: (value.reshape(-1)[gather].view(new.shape).clone()
-                  if torch.is_tensor(value) and value.shape == old.shape else value)
+            key: (_gathered(value, gather).view(new.shape) if torch.is_tensor(value) and value.shape == old.shape
+                  else value)
             for key, value in state.items()
         }
+
+
+def _gathered(value: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """``value.reshape(-1)[gather]``, zero where ``gather`` is -1; always a new tensor."""
+    flat = value.reshape(-1)
+    if flat.numel() == 0:  # nothing was kept before (a dropped layer)
+        return value.new_zeros(gather.shape)
+    return flat[gather.clamp(min=0)].masked_fill_(gather < 0, 0)
 
 
 def freeze_masks(layers: dict[str, SparseAdapterLinear], optimizer=None) -> None:
@@ -304,4 +330,5 @@ def freeze_masks(layers: dict[str, SparseAdapterLinear], optimizer=None) -> None
             continue
         old = layer.delta
         gather = layer.freeze()
-        replace_parameter(optimizer, old, layer.delta, gather)
+        if gather is not None:
+            replace_parameter(optimizer, old, layer.delta, gather)

@@ -40,8 +40,8 @@ def base_linear(module: nn.Module) -> nn.Linear | None:
 
 
 def adapter_buffer_names(model: nn.Module) -> list[str]:
-    """Qualified names of the adapters' mask / index buffers (DDP must not broadcast them)."""
-    return [f"{name}.{buf}" for name in adapter_layers(model) for buf in ("mask", "indices")]
+    """Qualified names of the adapters' buffers (DDP must not broadcast them)."""
+    return [f"{name}.{buf}" for name in adapter_layers(model) for buf in ("mask", "indices", "delta_dense")]
 
 
 def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
@@ -75,20 +75,27 @@ def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear
     return found
 
 
-def attach(model: nn.Module, config: SparseAdapterConfig | None = None) -> nn.Module:
+def attach(model: nn.Module, config: SparseAdapterConfig | None = None, initial: dict | None = None) -> nn.Module:
     """Wrap every target ``nn.Linear`` of ``model`` in a ``SparseAdapterLinear`` (in place).
 
     Every other parameter of the model is frozen; the adapters start at Ŵ = 0, M = 1, so
-    the model's outputs are unchanged. Returns ``model``.
+    the model's outputs are unchanged, or, with ``initial`` (a ``SparseDelta`` /
+    ``BlockSparseDelta`` for every target, by name), in the fixed phase with those entries,
+    taken without a copy and without a dense Ŵ. Returns ``model``.
     """
     config = config or SparseAdapterConfig()
     if adapter_layers(model):
         raise ValueError("the model already has sparse adapters attached; detach() first")
     targets = find_target_linears(model, config.target_modules)
+    if initial is not None and set(initial) != set(targets):
+        only_given, only_model = sorted(set(initial) - set(targets)), sorted(set(targets) - set(initial))
+        raise ValueError(f"initial adapters do not match the target layers: only given {only_given[:3]}, "
+                         f"only in the model {only_model[:3]}")
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     # Build every wrapper before touching the model, so a bad layer leaves it unchanged.
     try:
-        wrappers = {name: SparseAdapterLinear(lin, config, name) for name, lin in targets.items()}
+        wrappers = {name: SparseAdapterLinear(lin, config, name, None if initial is None else initial[name])
+                    for name, lin in targets.items()}
     except Exception:
         for n, p in model.named_parameters():
             p.requires_grad_(frozen[n])

@@ -27,7 +27,7 @@ from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.data import IGNORE_INDEX
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import weights_fingerprint
-from sparse_engine.layers import FIXED, SEARCH
+from sparse_engine.layers import FIXED
 from sparse_engine.masking import freeze_masks, replace_parameter, update_masks
 from sparse_engine.model import (adapter_buffer_names, adapter_config, adapter_layers, attach,
                                  trainable_parameter_count)
@@ -105,6 +105,17 @@ class MaskSchedule:
             layer.check_unsharded()
         self.updates = 0
         self.group = group
+        self._parameters = self._adapter_parameters()
+
+    def _adapter_parameters(self) -> list[int]:
+        return [id(layer.delta) for layer in self.layers.values()]
+
+    def parameters_replaced(self) -> bool:
+        """True when an adapter's ``delta`` is another parameter than at the last call (a mask
+        update or the freeze changed its storage): a DDP wrapper must then be rebuilt."""
+        now = self._adapter_parameters()
+        replaced, self._parameters = now != self._parameters, now
+        return replaced
 
     @property
     def frozen(self) -> bool:
@@ -340,6 +351,8 @@ def train_expert(
                     state["step"], state["epoch"], last_batch_loss(), optimizer
                 ):
                     state["mask_updates"] = schedule.updates
+                    if ddp is not None and schedule.parameters_replaced():
+                        distributed.rebuild(ddp)  # compact storage: DDP must reduce the new parameters
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss:.4f}", epoch=state["epoch"] + 1)
                 if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 \
@@ -350,7 +363,8 @@ def train_expert(
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
                 if schedule is not None:
-                    if schedule.after_epoch(state["epoch"], optimizer, last_batch_loss()) and ddp is not None:
+                    if schedule.after_epoch(state["epoch"], optimizer, last_batch_loss()) and ddp is not None \
+                            and schedule.parameters_replaced():
                         distributed.rebuild(ddp)  # the compact values are new parameters: DDP must reduce them
                     state["mask_updates"] = schedule.updates
     finally:
@@ -358,7 +372,7 @@ def train_expert(
     if schedule is not None and not schedule.frozen:
         schedule.finish(optimizer, last_batch_loss())
         state["mask_updates"] = schedule.updates
-        if ddp is not None and ddp is model:  # the caller's wrapper stays usable
+        if ddp is not None and ddp is model and schedule.parameters_replaced():  # the caller's wrapper stays usable
             distributed.rebuild(ddp)
     if config.checkpoint_dir and distributed.is_main(group):
         save_checkpoint(Path(config.checkpoint_dir) / CHECKPOINT_NAME, module, optimizer, scheduler, state, settings)
@@ -505,12 +519,7 @@ def save_checkpoint(path, model, optimizer, scheduler, state: dict, settings: di
         "format": CHECKPOINT_FORMAT,
         "settings": settings,
         "state": dict(state),
-        "adapters": {
-            name: {"phase": layer.phase, "delta": layer.delta.detach().clone(),
-                   "mask": layer.mask.clone() if layer.phase == SEARCH else None,
-                   "indices": layer.indices.clone() if layer.phase == FIXED else None}
-            for name, layer in layers.items()
-        },
+        "adapters": {name: _layer_storage(layer) for name, layer in layers.items()},
         "trainable": {n: p.detach().clone() for n, p in model.named_parameters()
                       if p.requires_grad and id(p) not in adapter_ids},
         "optimizer": optimizer.state_dict(),
@@ -518,6 +527,14 @@ def save_checkpoint(path, model, optimizer, scheduler, state: dict, settings: di
         "rng": torch.get_rng_state(),
     }
     _atomic_torch_save(payload, Path(path))
+
+
+def _layer_storage(layer) -> dict:
+    tensors = {"phase": layer.phase, "storage": layer.storage, "delta": layer.delta.detach().clone()}
+    for key in ("mask", "indices", "delta_dense"):
+        value = getattr(layer, key)
+        tensors[key] = None if value is None else value.clone()
+    return tensors
 
 
 def load_checkpoint(path, model, optimizer, scheduler, settings: dict | None = None) -> dict:
@@ -536,18 +553,16 @@ def load_checkpoint(path, model, optimizer, scheduler, settings: dict | None = N
         raise ValueError(f"checkpoint {path} was written for other adapter layers than this model's")
     for name, saved in payload["adapters"].items():
         layer = layers[name]
-        if saved["phase"] == FIXED:
-            delta = saved["delta"]
-            container = (SparseDelta(layer.shape, delta, saved["indices"]) if layer.block_size is None
-                         else BlockSparseDelta(layer.shape, delta, saved["indices"]))
-            old = layer.delta
-            layer.load_sparse(container)
+        storage = saved.get("storage") or ("fixed" if saved["phase"] == FIXED else "dense")
+        if layer.phase == FIXED and storage != "fixed":
+            raise ValueError(f"{name} is already frozen but the checkpoint is from the search phase")
+        if storage == "fixed":  # checked as an adapter file's entries are
+            kept = saved["indices"]
+            (SparseDelta if layer.block_size is None else BlockSparseDelta)(layer.shape, saved["delta"], kept)
+        old = layer.delta
+        layer.restore(storage, saved)
+        if layer.delta is not old:
             replace_parameter(optimizer, old, layer.delta)
-        else:
-            if layer.phase == FIXED:
-                raise ValueError(f"{name} is already frozen but the checkpoint is from the search phase")
-            layer.mask.copy_(saved["mask"])
-            layer.delta.data.copy_(saved["delta"])
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in payload["trainable"].items():
@@ -622,10 +637,11 @@ class SparseAdapterCallback(_TrainerCallback):
                     self.schedule.finish(optimizer)
                 else:
                     self._freeze_pending = True
-        if getattr(args, "weight_decay", 0.0):
+        if getattr(args, "weight_decay", 0.0) and not self.schedule.config.compact_search:
             warnings.warn(
-                "weight_decay > 0 in TrainingArguments also decays sparse-adapter entries outside the mask; "
-                "Algorithm 1 assumes they stay frozen. Use weight_decay=0 for sparse adapters.",
+                "weight_decay > 0 in TrainingArguments also decays sparse-adapter entries outside the mask "
+                "(compact_search=False keeps them in the parameter); Algorithm 1 assumes they stay frozen. Use "
+                "weight_decay=0, or compact_search=True.",
                 stacklevel=2,
             )
 
@@ -649,7 +665,8 @@ class SparseAdapterCallback(_TrainerCallback):
             self._freeze(optimizer, None)
             return
         epoch_index = _epoch_index(state.epoch) if state.epoch is not None else 0
-        self.schedule.after_optimizer_step(state.global_step, epoch_index, self._loss_fn(model), optimizer)
+        if self.schedule.after_optimizer_step(state.global_step, epoch_index, self._loss_fn(model), optimizer):
+            self._rebuild_ddp()
 
     def _loss_fn(self, model):
         if model is None or self._last_inputs is None:
@@ -679,7 +696,9 @@ class SparseAdapterCallback(_TrainerCallback):
         self._rebuild_ddp()
 
     def _rebuild_ddp(self) -> None:
-        if self._group is None:
+        """After a change of the adapters' parameters (compact storage at the first mask update,
+        the freeze from dense storage), with several ranks: the Trainer's DDP wrapper rebuilt."""
+        if self._group is None or not self.schedule.parameters_replaced():
             return
         if self._ddp is None:
             raise RuntimeError(

@@ -173,7 +173,7 @@ def test_element_mask_update_selects_inside_the_score_pass(monkeypatch, calls, c
         run = (lambda v, _l=layer: checkpoint(_l, v, use_reentrant=False)) if checkpointed else layer
         loss = lambda _run=run: sum((_run(x) * t).sum() for _ in range(calls))  # noqa: E731
         update_masks(model, {"qkv_proj": layer}, loss, cfg)
-        masks[backend] = layer.mask.clone()
+        masks[backend] = layer.element_mask().clone()
     assert used == (["delta_score_topk"] if calls == 1 else ["delta_score", "delta_score"])
     assert torch.equal(masks["triton"], masks["reference"])
     assert int(masks["triton"].sum()) == SparseAdapterConfig(keep_ratio=0.25).kept_count(48, 32)
@@ -210,7 +210,7 @@ def test_mask_updates_over_several_layers_match_the_reference(score, layer_drop,
         model = nn.ModuleDict(layers)
         loss = lambda: sum((layers[f"l{i}"](x[s]) * t[s]).sum() for i, s in enumerate(shapes))  # noqa: E731
         update_masks(model, layers, loss, cfg)
-        masks[backend] = [layers[f"l{i}"].mask.clone() for i in range(len(shapes))]
+        masks[backend] = [layers[f"l{i}"].element_mask().clone() for i in range(len(shapes))]
     for got, want in zip(masks["triton"], masks["reference"]):
         assert torch.equal(got, want)
     total = sum(int(m.sum()) for m in masks["triton"])

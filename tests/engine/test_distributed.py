@@ -69,8 +69,12 @@ def test_train_expert_on_two_ranks_equals_one_process_with_the_global_batch(tmp_
         assert runs[0]["world_size"] == WORLD and runs[0]["steps"] == oracle["steps"]
         # the logged loss is the global batch's mean loss, as one process logs it
         assert runs[0]["losses"] == pytest.approx(oracle["losses"], rel=1e-5)
-        # the freeze rebuilt DDP, and the dense Ŵ was released then (not at the end)
-        assert runs[0]["freed"] == [True], cfg["id"]
+        # DDP was rebuilt when the adapters moved to compact storage (the first mask update) and
+        # the dense Ŵ parameters were released then; later updates at a per-layer k keep every
+        # parameter's shape (rewritten in place, no rebuild), layer drop's may change it
+        freed = runs[0]["freed"]
+        assert freed and all(freed), cfg["id"]
+        assert len(freed) == 1 or cfg.get("layer_drop"), (cfg["id"], freed)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
@@ -161,7 +165,7 @@ def test_bad_input_is_one_clear_error_on_every_rank(tmp_path):
 # ------------------------------------------------------------ single-process pieces
 
 
-def test_attach_keeps_the_masks_out_of_ddp_broadcasts_and_detach_undoes_it():
+def test_attach_keeps_the_adapter_buffers_out_of_ddp_broadcasts_and_detach_undoes_it():
     from sparse_engine.config import SparseAdapterConfig
     from sparse_engine.model import attach, detach
     from tests.engine.helpers import tiny_phi3
@@ -169,7 +173,7 @@ def test_attach_keeps_the_masks_out_of_ddp_broadcasts_and_detach_undoes_it():
     model = tiny_phi3()
     attach(model, SparseAdapterConfig())
     ignored = set(model._ddp_params_and_buffers_to_ignore)
-    assert ignored == {f"model.layers.{i}.self_attn.qkv_proj.{b}" for i in range(2) for b in ("mask", "indices")}
+    assert ignored == {f"model.layers.{i}.self_attn.qkv_proj.{b}" for i in range(2) for b in ("mask", "indices", "delta_dense")}
     detach(model)
     assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
 

@@ -58,7 +58,7 @@ def test_mcs_is_signed_a_negative_score_is_not_kept():
     layer.delta.data[3, 4] = 2.0   # MCS +2
     kept = update_masks(model, adapter_layers(model), lambda: (model(x) * target).sum(), cfg)
     assert kept == {"qkv_proj": 1}
-    assert layer.mask[3, 4] and not layer.mask[0, 0]
+    assert layer.element_mask()[3, 4] and not layer.element_mask()[0, 0]
     snip = SparseAdapterConfig(keep_ratio=1 / 256, score="snip")
     scores = compute_scores(model, adapter_layers(model), lambda: (model(x) * target).sum(), snip)
     assert ref.topk_flat_indices(scores["qkv_proj"], 1).tolist() == [0]  # |score| would keep (0, 0)
@@ -92,13 +92,14 @@ def test_block_masks_are_true_16x16_tiles_on_a_3_to_1_weight():
     ids = torch.randint(3, 64, (2, 11))
     update_masks(model, layers, lambda: model(input_ids=ids, labels=ids).loss, cfg)
     for layer in layers.values():
-        tiles = layer.mask.reshape(12, 16, 4, 16).permute(0, 2, 1, 3).reshape(48, 256)
+        mask = layer.element_mask()
+        tiles = mask.reshape(12, 16, 4, 16).permute(0, 2, 1, 3).reshape(48, 256)
         per_tile = tiles.sum(1)
         assert set(per_tile.unique().tolist()) <= {0, 256}, "a tile is partly kept"
         assert int((per_tile == 256).sum()) == round(0.25 * 48)
         # the authors' bug builds rows at stride d_out/d_in; a true tile is 16 consecutive rows
-        r, c = (layer.mask.nonzero()[0]).tolist()
-        assert layer.mask[r - r % 16: r - r % 16 + 16, c - c % 16: c - c % 16 + 16].all()
+        r, c = (mask.nonzero()[0]).tolist()
+        assert mask[r - r % 16: r - r % 16 + 16, c - c % 16: c - c % 16 + 16].all()
 
 
 def test_layer_drop_uses_one_global_threshold():
@@ -118,11 +119,12 @@ def test_layer_drop_uses_one_global_threshold():
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_values_leaving_the_mask_are_frozen_and_resume_when_selected_again():
+@pytest.mark.parametrize("compact", [True, False])
+def test_values_leaving_the_mask_are_frozen_and_resume_when_selected_again(compact):
     """Policy: an entry that leaves the mask keeps its value (invisible to the forward, no
-    update reaches it) and its optimizer moments are cleared; selected again, it resumes
-    from the kept value with fresh moments."""
-    cfg = SparseAdapterConfig(keep_ratio=0.5)
+    update reaches it) and loses its optimizer moments; selected again, it resumes from the
+    kept value with fresh moments. Compact search storage holds it in ``delta_dense``."""
+    cfg = SparseAdapterConfig(keep_ratio=0.5, compact_search=compact)
     model = OneLayer(16, 16, cfg)
     layer = model.qkv_proj
     layers = adapter_layers(model)
@@ -132,25 +134,35 @@ def test_values_leaving_the_mask_are_frozen_and_resume_when_selected_again():
         (model(x) * t).sum().backward()
         opt.step()
         opt.zero_grad()
+    dense_before = layer.delta.detach().clone()
     first = torch.arange(0, 128, dtype=torch.int32)
     apply_masks(layers, {"qkv_proj": first}, opt)
-    out = ~layer.mask
-    frozen_values = layer.delta.detach()[out].clone()
-    assert frozen_values.abs().sum() > 0
-    assert not opt.state[layer.delta]["exp_avg"][out].any() and not opt.state[layer.delta]["exp_avg_sq"][out].any()
+    out = ~layer.element_mask()
+    layer.sync_search_delta()
+    frozen_values = layer.search_delta.detach()[out].clone()
+    assert frozen_values.abs().sum() > 0 and torch.equal(frozen_values, dense_before[out])
+    state = opt.state[layer.delta]
+    if compact:
+        assert layer.delta.shape == (128,) and state["exp_avg"].shape == (128,)
+    else:
+        assert not state["exp_avg"][out].any() and not state["exp_avg_sq"][out].any()
     for _ in range(3):
         (model(x) * t).sum().backward()
-        assert not layer.delta.grad[out].any()
+        if not compact:
+            assert not layer.delta.grad[out].any()
         opt.step()
         opt.zero_grad()
-    assert torch.equal(layer.delta.detach()[out], frozen_values)  # no update reached them
+    layer.sync_search_delta()
+    assert torch.equal(layer.search_delta.detach()[out], frozen_values)  # no update reached them
     second = torch.arange(128, 256, dtype=torch.int32)
     apply_masks(layers, {"qkv_proj": second}, opt)
-    assert torch.equal(layer.delta.detach()[layer.mask], frozen_values)  # resumed from the kept value
+    assert torch.equal(layer.delta_weight()[layer.element_mask()], frozen_values)  # resumed from the kept value
+    if compact:
+        assert not opt.state[layer.delta]["exp_avg"].any() and not opt.state[layer.delta]["exp_avg_sq"].any()
 
 
 def test_freeze_carries_the_kept_adam_moments_and_drops_the_dense_state():
-    cfg = SparseAdapterConfig(keep_ratio=0.25, block_size=16)
+    cfg = SparseAdapterConfig(keep_ratio=0.25, block_size=16, compact_search=False)
     model = OneLayer(32, 48, cfg)
     layer = model.qkv_proj
     layers = adapter_layers(model)

@@ -173,9 +173,10 @@ def test_trainer_resume_ends_with_the_uninterrupted_mask_and_weights(tmp_path, i
 
 
 def test_trainer_load_best_model_from_the_mask_epoch(tmp_path):
-    """load_best_model_at_end with the best checkpoint saved in the search phase (dense Ŵ +
-    mask) into the compact model: the layers take that phase back, and the callback's
-    train-end freeze then leaves exactly that checkpoint's kept entries, compact."""
+    """load_best_model_at_end with the best checkpoint saved in the search phase (compact
+    search storage: kept values, their indices and the dense Ŵ) into the fixed model: the
+    layers take that storage back, and the callback's train-end freeze then leaves exactly
+    that checkpoint's kept entries, compact."""
     from safetensors.torch import load_file
 
     data = random_lm_data(32)
@@ -188,10 +189,10 @@ def test_trainer_load_best_model_from_the_mask_epoch(tmp_path):
     assert best is not None and best.endswith(("checkpoint-4", "checkpoint-8"))
     saved = load_file(f"{best}/model.safetensors")
     for name, layer in adapter_layers(model).items():
-        mask, delta = saved[f"{name}.mask"], saved[f"{name}.delta"]
+        assert f"{name}.mask" not in saved and f"{name}.delta_dense" in saved  # saved after a mask update
         assert layer.phase == FIXED
-        assert torch.equal(layer.indices, mask.reshape(-1).nonzero().flatten().to(torch.int32))
-        torch.testing.assert_close(layer.delta.detach(), delta.reshape(-1)[layer.indices.long()])
+        assert torch.equal(layer.indices, saved[f"{name}.indices"])
+        torch.testing.assert_close(layer.delta.detach(), saved[f"{name}.delta"])
 
 
 def test_trainer_without_a_model_loss_is_refused_clearly(tmp_path):
