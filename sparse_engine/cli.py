@@ -338,8 +338,12 @@ def _eval_tasks(args, held_in, held_out) -> dict:
     if held_in is not None and held_out is not None and not names:
         raise ValueError("no tasks to evaluate (--held-in and --held-out are both empty)")
     # no --held-in: every task of the data
-    return data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=None if held_in is None else names,
-                          max_examples_per_task=args.max_examples_per_task, n_test=args.n_test, seed=args.seed)
+    tasks = data.load_flan(args.data if len(args.data) > 1 else args.data[0], tasks=None if held_in is None else names,
+                           max_examples_per_task=args.max_examples_per_task, n_test=args.n_test, seed=args.seed)
+    unknown = [t for t in names if t not in tasks]
+    if unknown:
+        raise ValueError(f"task(s) {unknown} are not in --data; it holds {', '.join(sorted(tasks))}")
+    return tasks
 
 
 def _eval_generation(args) -> dict:

@@ -69,6 +69,10 @@ def test_eval_adds_to_results_and_refuses_other_settings(tmp_path, tiny_base_dir
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["entries"]) == 3 and saved["entries"][0]["settings"]["n_test"] == 3
     assert "| base model | held_in | reverse_words |" in (out / "results.md").read_text()
+    # a held-out task the data does not have: named, with the tasks it has
+    capsys.readouterr()
+    assert main(["eval", "--held-out", "no_such_task", *common]) == 2
+    _one_error(capsys, "no_such_task", "colour_to_fruit, reverse_words")
     # a train --out holds train's results.json: eval refuses to mix into it
     capsys.readouterr()
     assert main(["eval", "--held-in", "reverse_words", *common[:-3], "--out", str(trained), "--no-progress"]) == 2
