@@ -467,7 +467,7 @@ def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, val
         if out.dtype == compute:
             out.index_add_(0, toks, ys)
         else:  # the sum is added to out read in fp32 and rounded once
-            out.index_copy_(0, toks, (out.index_select(0, toks).to(compute) + ys).to(out.dtype))
+            out.index_copy_(0, toks.long(), (out.index_select(0, toks).to(compute) + ys).to(out.dtype))
     return out
 
 

@@ -13,7 +13,6 @@ from torch import nn
 
 from sparse_engine.backend import resolve as resolve_backend
 from sparse_engine.config import BACKENDS
-from sparse_engine.formats import BlockSparseDelta, SparseDelta
 from sparse_engine.io import base_fingerprint
 from sparse_engine.kernels import reference as ref
 from sparse_engine.layers import SparseAdapterLinear
@@ -21,6 +20,7 @@ from sparse_engine.model import base_linear, replace_module
 from sparse_engine.serving.layer import MultiAdapterLinear
 from sparse_engine.serving.plan import Batch, check_assignment
 from sparse_engine.serving.pool import BLOCK, ELEMENT, SUPPORTED_BLOCK_SIZE, LayerPool, tensor_bytes
+from sparse_engine.serving.source import delta_sources, file_sources
 
 
 def _kernels(setting: str, tensor: torch.Tensor):
@@ -175,7 +175,7 @@ class AdapterLibrary:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is already registered; unregister it first")
-        meta, deltas, origin = self._read_source(source)
+        meta, deltas, origin = self._read_source(source, name)
         check = self.check_base if check_base is None else check_base
         kind, shapes = self._validate(name, meta, deltas, origin, check)
 
@@ -210,7 +210,7 @@ class AdapterLibrary:
             self._slot_names.append(name)
         else:
             self._slot_names[slot] = name
-        params = sum(d.nnz for d in deltas.values())
+        params = sum(d.params for d in deltas.values())
         info = AdapterInfo(name=name, kind=kind, slot=slot, layers=tuple(deltas), params=params, bytes=nbytes,
                            base_model=(meta or {}).get("base_model"), source=origin, metadata=dict(meta or {}))
         self._adapters[name] = info
@@ -218,8 +218,9 @@ class AdapterLibrary:
 
     def _stage(self, slot: int, deltas: Mapping, shapes: Mapping, slot_cap: int, exact: bool) -> list[dict]:
         """Every tensor the registration needs, allocated and written where nothing reads it yet:
-        the adapter's entries per layer (new pools for layers not served yet), and, when the slot
-        capacity grows, larger pointer tables for the untouched layers too."""
+        the adapter's entries per layer, streamed from ``deltas`` (``LayerSource`` by layer; new
+        pools for layers not served yet), and, when the slot capacity grows, larger pointer
+        tables for the untouched layers too."""
         staged = []
         for layer, delta in deltas.items():
             pool = self._pools.get(layer) or LayerPool(layer, shapes[layer], self.device, self.dtype,
@@ -246,14 +247,14 @@ class AdapterLibrary:
         paths = sorted(Path(directory).glob(pattern))
         if not paths:
             raise FileNotFoundError(f"no adapter files matching {pattern!r} in {directory}")
-        from sparse_engine.io import read_adapter
-
-        loaded = [((names or {}).get(p.stem, p.stem), (*read_adapter(p), str(p))) for p in paths]
+        for p in paths:  # every file's header checked before anything is registered
+            file_sources(p, str(p))
         before = self._snapshot()
         done: list[str] = []
         try:
-            for name, src in loaded:
-                self.register(name, src)
+            for p in paths:
+                name = (names or {}).get(p.stem, p.stem)
+                self.register(name, p)
                 done.append(name)
         except BaseException:
             self._restore(before)
@@ -422,17 +423,20 @@ class AdapterLibrary:
             replace_module(self.model, layer, wrapper.base)
 
     @staticmethod
-    def _read_source(source):
+    def _read_source(source, name):
+        """(metadata, ``{layer: LayerSource}``, origin): a file's entries are streamed when staged."""
+        where = f"adapter {name!r}"
         if isinstance(source, (str, Path)):
-            from sparse_engine.io import read_adapter
-
-            meta, deltas = read_adapter(source)
-            return meta, deltas, str(source)
+            meta, layers = file_sources(source, f"{where} ({source})")
+            return meta, layers, str(source)
         if isinstance(source, tuple) and len(source) in (2, 3):
             meta, deltas = source[0], source[1]
-            return meta, deltas, (source[2] if len(source) == 3 else None)
+            origin = source[2] if len(source) == 3 else None
+            if not isinstance(deltas, Mapping):
+                raise ValueError(f"{where} has no layers")
+            return meta, delta_sources(deltas, where + (f" ({origin})" if origin else "")), origin
         if isinstance(source, Mapping):
-            return None, dict(source), None
+            return None, delta_sources(source, where), None
         raise TypeError(
             "source must be an adapter file path, a (meta, deltas) pair from read_adapter, or a {layer: delta} dict; "
             f"got {type(source).__name__}"
@@ -445,9 +449,7 @@ class AdapterLibrary:
         kinds = set()
         shapes = {}
         for layer, delta in deltas.items():
-            if not isinstance(delta, (SparseDelta, BlockSparseDelta)):
-                raise TypeError(f"{where}: layer {layer} is a {type(delta).__name__}, not a SparseDelta/BlockSparseDelta")
-            kinds.add(BLOCK if isinstance(delta, BlockSparseDelta) else ELEMENT)
+            kinds.add(delta.kind)
             try:
                 module = self.model.get_submodule(layer)
             except AttributeError:
@@ -463,13 +465,10 @@ class AdapterLibrary:
             if tuple(delta.shape) != shape:
                 raise ValueError(f"{where} does not fit this model: layer {layer} is {tuple(delta.shape)} in the adapter, "
                                  f"{shape} in the model")
-            if isinstance(delta, BlockSparseDelta) and delta.block_size != SUPPORTED_BLOCK_SIZE:
+            if delta.kind == BLOCK and delta.block_size != SUPPORTED_BLOCK_SIZE:
                 raise ValueError(f"{where}: layer {layer} has block size {delta.block_size}; serving supports "
                                  f"{SUPPORTED_BLOCK_SIZE}")
-            vals = delta.blocks if isinstance(delta, BlockSparseDelta) else delta.values
-            if vals.numel() and not bool(torch.isfinite(vals).all()):
-                raise ValueError(f"{where}: layer {layer} holds NaN or Inf values")
-            shapes[layer] = shape
+            shapes[layer] = shape  # ids and values are checked piece by piece as they are staged
         if len(kinds) != 1:
             raise ValueError(f"{where} mixes element- and block-sparse layers; one format per adapter")
         if meta is not None:

@@ -8,7 +8,6 @@ from typing import ClassVar
 import torch
 
 from sparse_engine.config import SUPPORTED_BLOCK_SIZES
-from sparse_engine.formats import BlockSparseDelta
 
 BLOCK, ELEMENT = "block", "element"
 SUPPORTED_BLOCK_SIZE = SUPPORTED_BLOCK_SIZES[0]  # the multi-adapter block kernels take 16×16 tiles only
@@ -105,33 +104,35 @@ class LayerPool:
                 out[attr] = _grow_rows(table, slot_cap)
         return out
 
-    def stage(self, slot: int, delta, slot_cap: int, exact: bool = False) -> dict:
-        """Allocate and write ``delta`` past the used end of the pool; nothing visible changes.
+    def stage(self, slot: int, source, slot_cap: int, exact: bool = False) -> dict:
+        """Write the entries of ``source`` (a ``serving.source.LayerSource``) past the used end of
+        the pool, piece by piece; nothing visible changes. The transient memory is one piece:
+        the pool's buffers are grown (copies) only when the entries do not fit.
 
         ``exact``: grow buffers to exactly what is needed (no 1.5× headroom)."""
         d_out, d_in = self.shape
-        kind = BLOCK if isinstance(delta, BlockSparseDelta) else ELEMENT
+        kind = source.kind
         tensors = self.stage_tables(slot_cap, kind)
-        if kind == BLOCK:
-            ids = delta.block_indices.to(self.device).long()
-            n_cb = d_in // SUPPORTED_BLOCK_SIZE
-            rows, cols = ids // n_cb, (ids % n_cb).to(torch.int32)
-            data = delta.blocks.to(device=self.device, dtype=self.dtype)
-            offset = self.n_blocks
-            line = _line(rows, self.n_rb, offset, self.device)
-        else:
-            idx = delta.indices.to(self.device).long()
-            rows, cols = idx // d_in, (idx % d_in).to(self.col_dtype)
-            data = delta.values.to(device=self.device, dtype=self.dtype)
-            offset = self.n_values
-            line = _line(rows, d_out, offset, self.device)
-        n = int(data.shape[0])
+        offset, n = (self.n_blocks if kind == BLOCK else self.n_values), source.count
         if offset + n > INT32_MAX:
             raise ValueError(f"layer {self.name}: the pool would exceed 2**31 entries")
+        n_lines, per_line = (self.n_rb, d_in // SUPPORTED_BLOCK_SIZE) if kind == BLOCK else (d_out, d_in)
         data_attr, col_attr = self._BUFFERS[kind]
-        tensors[data_attr], tensors[col_attr] = _append_at(getattr(self, data_attr), getattr(self, col_attr), offset,
-                                                           data, cols, exact)
-        return {"pool": self, "slot": slot, "kind": kind, "offset": offset, "n": n, "line": line, "tensors": tensors}
+        data_buf, col_buf = _room(getattr(self, data_attr), getattr(self, col_attr), offset, n, exact)
+        counts = torch.zeros(n_lines, dtype=torch.int64)
+        pos = offset
+        for values, ids in source.pieces():
+            rows = torch.div(ids, per_line, rounding_mode="floor")
+            counts += torch.bincount(rows, minlength=n_lines).cpu()
+            end = pos + ids.numel()
+            data_buf[pos:end] = values  # cast to the pool's dtype and device on the way
+            col_buf[pos:end] = ids - rows * per_line
+            pos = end
+        line = torch.zeros(n_lines + 1, dtype=torch.int64)
+        line[1:] = torch.cumsum(counts, 0)
+        tensors[data_attr], tensors[col_attr] = data_buf, col_buf
+        return {"pool": self, "slot": slot, "kind": kind, "offset": offset, "n": n,
+                "line": (line + offset).to(device=self.device, dtype=torch.int32), "tensors": tensors}
 
     def commit(self, st: dict) -> None:
         """Swap in the staged tensors; for an adapter's staging, publish its row-pointer line."""
@@ -222,17 +223,14 @@ def _grow(t: torch.Tensor, cap: int, used: int) -> torch.Tensor:
     return new
 
 
-def _append_at(data_buf: torch.Tensor, col_buf: torch.Tensor, offset: int, data: torch.Tensor, cols: torch.Tensor,
-               exact: bool = False):
-    """Write ``data``/``cols`` at ``offset`` of a pool's two parallel buffers, into larger
-    copies when they do not fit (the originals keep what was committed; ``exact``: copies of
-    exactly the size needed, else with 1.5× headroom). Returns the buffers."""
-    end = offset + data.shape[0]
+def _room(data_buf: torch.Tensor, col_buf: torch.Tensor, offset: int, n: int, exact: bool = False):
+    """A pool's two parallel buffers with room for ``n`` more entries at ``offset``: the same
+    buffers when they fit, else larger copies holding the first ``offset`` entries (the
+    originals keep what was committed; ``exact``: exactly the size needed, else 1.5× headroom)."""
+    end = offset + n
     if end > data_buf.shape[0]:
         cap = end if exact else _new_cap(data_buf.shape[0], end)
         data_buf, col_buf = _grow(data_buf, cap, offset), _grow(col_buf, cap, offset)
-    data_buf[offset:end] = data
-    col_buf[offset:end] = cols
     return data_buf, col_buf
 
 
@@ -240,11 +238,3 @@ def _grow_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     new = torch.zeros((rows, t.shape[1]), dtype=t.dtype, device=t.device)
     new[: t.shape[0]] = t
     return new
-
-
-def _line(rows: torch.Tensor, n_lines: int, offset: int, device) -> torch.Tensor:
-    """Absolute CSR row pointers ``[n_lines + 1]`` of sorted entries in ``rows`` starting at ``offset``."""
-    counts = torch.bincount(rows, minlength=n_lines) if rows.numel() else torch.zeros(n_lines, dtype=torch.long, device=device)
-    line = torch.zeros(n_lines + 1, dtype=torch.long, device=device)
-    line[1:] = torch.cumsum(counts, 0)
-    return (line + offset).to(torch.int32)
