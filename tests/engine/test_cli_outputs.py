@@ -11,7 +11,7 @@ from sparse_engine import data
 from sparse_engine.cli import main
 from sparse_engine.training import CHECKPOINT_NAME
 
-FAST = ["--epochs", "1", "--batch-size", "8", "--update-interval", "1", "--no-progress"]
+FAST = ["--epochs", "1", "--batch-size", "8", "--update-interval", "1", "--max-length", "48", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def trained(tmp_path_factory, tiny_base_dir, flan):
     """One train run on the FLAN file with --n-train 16: its --out."""
     out = tmp_path_factory.mktemp("trained")
     assert main(["train", "--tasks", "reverse_words", "--data", str(flan), "--model", str(tiny_base_dir),
-                 "--out", str(out), "--n-train", "16", "--max-length", "48", *FAST]) == 0
+                 "--out", str(out), "--n-train", "16", *FAST]) == 0
     return out
 
 

@@ -19,7 +19,7 @@ from .dist_harness import REPO
 
 # 2 epochs of 4 steps, a mask update every 2 steps: a checkpoint at step 3 is mid-epoch, in the search phase
 SMALL = ["--tasks", "reverse_words", "--n-train", "32", "--n-test", "4", "--epochs", "2", "--batch-size", "8",
-         "--update-interval", "2", "--no-progress"]
+         "--update-interval", "2", "--max-length", "48", "--no-progress"]
 
 
 def _same_adapter(a, b) -> None:
@@ -81,8 +81,8 @@ def test_ctrl_c_on_a_real_process(tmp_path, tiny_base_dir, capsys):
     (that the resumed adapter is the uninterrupted one is the test above)."""
     out = tmp_path / "out"
     checkpoint = out / "checkpoints" / "reverse_words-sparse" / training.CHECKPOINT_NAME
-    # 40 steps, a checkpoint after each: the signal lands long before the end
-    args = [*SMALL, "--epochs", "10", "--model", str(tiny_base_dir), "--checkpoint-every", "1", "--out", str(out)]
+    # 20 steps, a checkpoint after each: the signal lands long before the end
+    args = [*SMALL, "--epochs", "5", "--model", str(tiny_base_dir), "--checkpoint-every", "1", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "sparse_engine.cli", "train", *args], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -95,11 +95,11 @@ def test_ctrl_c_on_a_real_process(tmp_path, tiny_base_dir, capsys):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.count("\n") == 1, err[-3000:]
     assert err.startswith(f"interrupted: the last checkpoint is {checkpoint} (step {step})")
-    assert 1 <= step < 40
+    assert 1 <= step < 20
     assert main(["train", *args, "--resume"]) == 0
     capsys.readouterr()
     final = torch.load(checkpoint, weights_only=False)["state"]
-    assert final["step"] == 40 and len(final["losses"]) == 40  # the first steps' losses come from the checkpoint
+    assert final["step"] == 20 and len(final["losses"]) == 20  # the first steps' losses come from the checkpoint
 
 
 @pytest.mark.parametrize("command", ["train", "reproduce", "eval"])
