@@ -18,6 +18,11 @@ runtime.require_triton(__name__)
 import triton  # after the check that names the fix
 import triton.language as tl
 
+# A row of the tile table (int32 [n, _TILE_FIELDS], from build_tiles): the adapter slot and the
+# first / end position of the tile's rows in token_order. constexpr: the kernels read them too.
+_TILE_SLOT, _TILE_FIRST, _TILE_END = (tl.constexpr(i) for i in range(3))
+_TILE_FIELDS = tl.constexpr(3)
+
 __all__ = ["build_tiles", "choose_block_m", "multi_block_delta", "multi_element_delta", "element_config_fits",
            "jit_kernels", "autotune_configs"]
 
@@ -37,9 +42,9 @@ def _operand(v, CT: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _tile_tokens(tile_ptr, tok_ptr, pid_t, BLOCK_M: tl.constexpr):
     """Row ``pid_t`` of the tile table: (adapter slot, first, end) and the tile's token rows."""
-    slot = tl.load(tile_ptr + pid_t * 3)
-    t0 = tl.load(tile_ptr + pid_t * 3 + 1)
-    t1 = tl.load(tile_ptr + pid_t * 3 + 2)
+    slot = tl.load(tile_ptr + pid_t * _TILE_FIELDS + _TILE_SLOT)
+    t0 = tl.load(tile_ptr + pid_t * _TILE_FIELDS + _TILE_FIRST)
+    t1 = tl.load(tile_ptr + pid_t * _TILE_FIELDS + _TILE_END)
     offs = t0 + tl.arange(0, BLOCK_M)
     m_mask = offs < t1
     tok = tl.load(tok_ptr + offs, mask=m_mask, other=0).to(tl.int64)
@@ -229,7 +234,7 @@ def build_tiles(seg_slots: torch.Tensor, seg_offsets: torch.Tensor, n_sel: int, 
     device = seg_slots.device
     n_max = int(n_sel) // int(block_m) + n_seg
     if n_max == 0:
-        return torch.zeros((0, 3), dtype=torch.int32, device=device)
+        return torch.zeros((0, _TILE_FIELDS.value), dtype=torch.int32, device=device)
     offs = seg_offsets.to(torch.int64)
     lens = offs[1:] - offs[:-1]
     per_seg = (lens + block_m - 1) // block_m
@@ -241,7 +246,8 @@ def build_tiles(seg_slots: torch.Tensor, seg_offsets: torch.Tensor, n_sel: int, 
     first_tile = tile_end[seg_c] - per_seg[seg_c]
     first = offs[seg_c] + (ids - first_tile) * block_m
     end = torch.minimum(first + block_m, offs[seg_c + 1])
-    table = torch.stack([seg_slots.to(torch.int64)[seg_c], first, end], 1)
+    columns = {_TILE_SLOT.value: seg_slots.to(torch.int64)[seg_c], _TILE_FIRST.value: first, _TILE_END.value: end}
+    table = torch.stack([columns[c] for c in range(_TILE_FIELDS.value)], 1)
     table = torch.where(live[:, None], table, torch.zeros_like(table))
     return table.to(torch.int32).contiguous()
 
@@ -277,7 +283,7 @@ def _tiles_for(seg_slots, seg_offsets, n_sel, block_m, tiles):
         raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {block_m}")
     if tiles is None:
         tiles = build_tiles(seg_slots, seg_offsets, n_sel, block_m)
-    elif tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 3 or not tiles.is_contiguous():
+    elif tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != _TILE_FIELDS.value or not tiles.is_contiguous():
         raise ValueError("tiles must be a contiguous int32 [n, 3] table from build_tiles")
     return block_m, tiles
 

@@ -17,10 +17,12 @@ import torch
 try:
     from sparse_engine.kernels import masked_delta as md
     from sparse_engine.kernels import reference as ref
+    from sparse_engine.kernels.runtime import SCORES
 except ImportError:  # repo not installed (pip install -e .): import the folder directly
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from kernels import masked_delta as md
     from kernels import reference as ref
+    from kernels.runtime import SCORES
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -257,7 +259,7 @@ def test_every_gpu_config(name, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("score", md.SCORES)
+@pytest.mark.parametrize("score", SCORES)
 def test_element_scores(dtype, score):
     tok, d_in, d_out = (2, 19), 53, 29
     x, _, delta, _, dy = _setup(tok, d_in, d_out, dtype)
@@ -274,7 +276,7 @@ def test_element_scores(dtype, score):
     torch.testing.assert_close(half.float(), s, rtol=2e-3, atol=1e-3 * s.abs().max().item())
 
 
-@pytest.mark.parametrize("score", md.SCORES)
+@pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("d_out,d_in,bs", [(48, 32, 16), (96, 32, 16), (32, 96, 16), (64, 64, 32), (6, 4, 2)])
 def test_block_scores(score, d_out, d_in, bs):
     dtype = torch.float16
@@ -317,7 +319,7 @@ def test_histogram(score):
     assert torch.equal(lo.long(), torch.bincount(key[(key >> 16) == p] & 0xFFFF, minlength=1 << 16))
 
 
-@pytest.mark.parametrize("score", md.SCORES)
+@pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("frac", [0.0, 0.01, 0.1, 0.5, 1.0])
 def test_topk_without_dense_score(score, frac):
     x, _, delta, _, dy = _setup((37,), 53, 29, torch.float32)
