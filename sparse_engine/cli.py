@@ -119,10 +119,61 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list the built-in tasks", description="List the built-in tasks by group.")
     tasks.add_argument("--group", choices=["held_in", "held_out", "pretrain"], default=None)
 
+    _add_pretrain_parser(sub)
     _add_merge_parser(sub)
     _add_eval_parser(sub)
     _add_reproduce_parser(sub)
     return parser
+
+
+# ----------------------------------------------------------------- pretrain / merge / eval / reproduce
+
+def _add_pretrain_parser(sub) -> None:
+    from sparse_engine.experiments.pretrain import DEFAULT_SPEC, DEFAULT_VOCAB_SIZE
+
+    pre = sub.add_parser(
+        "pretrain", help="a tiny Phi-3 base that knows your text (tokenizer and model trained on FLAN-format files)",
+        description="Train a byte-level BPE tokenizer on the train rows of every task in --data, then a tiny Phi-3 "
+                    "(the built-in base's shape) as a language model on the train rows of --tasks (default: all), and "
+                    "write it to --out as a checkpoint for `train --model` / `eval --model`. Leave out the tasks you "
+                    "will train experts on: a base pretrained on a task has already learnt it.")
+    pre.add_argument("--data", nargs="+", required=True, help="FLAN-format .json/.jsonl/.parquet files")
+    pre.add_argument("--out", required=True, help="output directory (refused if it holds files, unless --overwrite)")
+    pre.add_argument("--tasks", nargs="+", default=None, help="tasks whose train rows the model learns (default: all)")
+    pre.add_argument("--vocab-size", type=_positive(int), default=DEFAULT_VOCAB_SIZE,
+                     help="BPE vocabulary size, at most (default: %(default)s)")
+    pre.add_argument("--max-examples-per-task", type=_positive(int), default=None, help="sub-sample each task's rows")
+    pre.add_argument("--epochs", type=_positive(int), default=DEFAULT_SPEC.pretrain_epochs,
+                     help="epochs (default: %(default)s)")
+    pre.add_argument("--batch-size", type=_positive(int), default=DEFAULT_SPEC.pretrain_batch_size,
+                     help="examples per step (default: %(default)s)")
+    pre.add_argument("--lr", type=_positive(float), default=DEFAULT_SPEC.pretrain_learning_rate,
+                     help="learning rate (default: %(default)s)")
+    pre.add_argument("--max-length", type=_positive(int), default=DEFAULT_SPEC.max_length,
+                     help="tokens per example (default: %(default)s)")
+    pre.add_argument("--hidden-size", type=_positive(int), default=DEFAULT_SPEC.hidden_size,
+                     help="model width (default: %(default)s; the MLP is twice as wide)")
+    pre.add_argument("--layers", type=_positive(int), default=DEFAULT_SPEC.num_hidden_layers,
+                     help="decoder layers (default: %(default)s)")
+    pre.add_argument("--seed", type=int, default=DEFAULT_SPEC.seed, help="(default: %(default)s)")
+    pre.add_argument("--overwrite", action="store_true", help="replace the base already in --out")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cmd_pretrain(args) -> int:
+    from sparse_engine.experiments.pretrain import check_out_dir, describe, pretrain_base, spec_with
+
+    check_out_dir(args.out, args.overwrite)
+    if args.hidden_size % 4:
+        raise ValueError(f"--hidden-size must be a multiple of 4 (the 4 attention heads), got {args.hidden_size}")
+    spec = spec_with(pretrain_epochs=args.epochs, pretrain_batch_size=args.batch_size,
+                     pretrain_learning_rate=args.lr, max_length=args.max_length, hidden_size=args.hidden_size,
+                     intermediate_size=2 * args.hidden_size, num_hidden_layers=args.layers, seed=args.seed)
+    record = pretrain_base(args.data, args.out, tasks=args.tasks, vocab_size=args.vocab_size, spec=spec,
+                           max_examples_per_task=args.max_examples_per_task, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    print(describe(record, args.out))
+    return 0
 
 
 # ----------------------------------------------------------------- merge / eval / reproduce
@@ -653,7 +704,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
     handlers = {"demo": _cmd_demo, "train": _cmd_train, "tasks": _cmd_tasks, "merge": _cmd_merge, "eval": _cmd_eval,
-                "reproduce": _cmd_reproduce}
+                "reproduce": _cmd_reproduce, "pretrain": _cmd_pretrain}
     ranks, owns_group = None, False
     try:
         ranks, owns_group = _start_ranks(args)
