@@ -169,3 +169,34 @@ def test_reports_of_other_settings_are_refused_before_any_work(tmp_path, capsys,
     assert main(argv) == 2
     _one_error(capsys, str(report), "other settings", "n_train", "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == [report.name]  # nothing trained, nothing written
+
+
+def test_concurrent_eval_writers_keep_each_others_scores(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from sparse_engine.experiments import results as result_files
+
+    original = result_files.merge_eval_results
+
+    def slow(*args, **kwargs):  # a wide read-merge-write window: without the lock entries would be lost
+        time.sleep(0.01)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(result_files, "merge_eval_results", slow)
+
+    def writer(name):
+        for i in range(8):
+            entry = {"evaluated": name, "group": "held_in", "task": f"t{i}", "settings": {}, "Rouge-L": float(i)}
+            result_files.write_eval_results(tmp_path, [entry], {"evaluated": name})
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((e["evaluated"], e["task"]) for e in saved["entries"]) == sorted(
+        (n, f"t{i}") for n in "ab" for i in range(8))
+    assert {(m["evaluated"], m["Rouge-L"], m["tasks"]) for m in saved["means"]} == {("a", 3.5, 8), ("b", 3.5, 8)}
+    assert len(saved["runs"]) == 16
