@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "dataset name. Model: the built-in tiny Phi-3, or --model with a local checkpoint. "
                                        "Under torchrun the experts are split across the ranks (or, with --data-parallel, "
                                        "each is trained by all of them). results.json is merged with what other runs "
-                                       "wrote to --out: a newer expert for the same (task, method) replaces the older.")
+                                       "wrote to --out; an expert whose adapter file or checkpoint is already there "
+                                       "is refused unless --resume (continue it) or --overwrite (train it afresh).")
     train.add_argument("--tasks", nargs="+", required=True, help="task names (built-in, or task_name values in --data)")
     train.add_argument("--data", nargs="+", default=None, help="FLAN-format .json/.jsonl/.parquet files or a dataset name")
     train.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: the built-in tiny Phi-3)")
@@ -223,7 +224,8 @@ def _add_eval_parser(sub) -> None:
         "eval", help="held-in / held-out Rouge-L of the base model, an adapter, an expert or a merge",
         description="Greedy generation and Rouge-L F x100 (rouge-score, stemmer on, max over references, mean over "
                     "examples) on each task's test split. --adapter takes any adapter, expert or merged file; it is "
-                    "added to the base weights. Writes results.json and results.md to --out.")
+                    "added to the base weights. Adds its scores to results.json and results.md in --out "
+                    "(a score of the same model and task measured otherwise is refused unless --overwrite).")
     ev.add_argument("--adapter", default=None, help="adapter / expert / merged file (default: evaluate the base model)")
     ev.add_argument("--routed", default=None, metavar="DIR",
                     help="routed experts instead of one model: each held-in request goes to its own expert "
