@@ -3,6 +3,7 @@ tokenizer trained on the train rows of FLAN-format files, then a small Phi-3 (th
 base's shape) trained as a language model on them, written as a checkpoint for ``--model``."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -50,7 +51,7 @@ def check_out_dir(out, overwrite: bool) -> Path:
     return out
 
 
-def pretrain_base(files: Sequence[str], out_dir, *, tasks: Sequence[str] | None = None,
+def pretrain_base(files: Sequence[str] | str, out_dir, *, tasks: Sequence[str] | None = None,
                   vocab_size: int = DEFAULT_VOCAB_SIZE, spec: BuiltinBaseSpec = DEFAULT_SPEC,
                   max_examples_per_task: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Pretrain a tiny Phi-3 on FLAN-format ``files`` and write it to ``out_dir``.
@@ -62,7 +63,8 @@ def pretrain_base(files: Sequence[str], out_dir, *, tasks: Sequence[str] | None 
     already learnt it. Returns the record written to ``out_dir/done.json``.
     """
     out = check_out_dir(out_dir, overwrite)
-    source = list(files) if len(files) > 1 else files[0]
+    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    source = files if len(files) > 1 else files[0]
     every = data.load_flan(source, max_examples_per_task=max_examples_per_task, seed=spec.seed)
     chosen = list(dict.fromkeys(tasks)) if tasks else list(every)
     unknown = [t for t in chosen if t not in every]
