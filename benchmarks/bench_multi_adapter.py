@@ -66,6 +66,8 @@ def parse_args(argv=None):
     cpu.add_argument("--repeats", type=int, default=4, help="alternated repeats (the minimum is kept)")
     cpu.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared CPU)")
     cpu.add_argument("--no-register", action="store_true", help="skip the register peak-memory rows (both formats)")
+    cpu.add_argument("--no-ops", action="store_true", help="skip the op-level rows (the delta's candidates)")
+    cpu.add_argument("--no-model", action="store_true", help="skip the model-level rows (forward, generate)")
     args = p.parse_args(argv)
     defaults = dict(adapters=[8, 64], formats=["block", "element"], layers=2, prompt=8) if args.cpu else \
         dict(adapters=[1, 8, 64, 256], formats=["block"], layers=8, prompt=128)
@@ -780,6 +782,93 @@ def register_peak(torch, args, meta, fmt, tmpdir):
     return row
 
 
+def cpu_ops(torch, args, meta):
+    """Op level, one qkv_proj of each width: the CPU path's delta (a torch CSR / BSR matrix over
+    the pool) against the candidates it was picked from (gather + index_add; rebuilding a dense
+    ΔW, the old twin) and, for scale, the base matmul and a LoRA of matched rank. CPU-time rows."""
+    from torch import nn
+
+    from sparse_engine.kernels import reference as ref
+    from sparse_engine.serving import AdapterLibrary
+
+    rows = []
+    for hidden in args.hidden:
+        d_out, d_in = 3 * hidden, hidden
+        gen = torch.Generator().manual_seed(args.seed)
+        weight = torch.randn(d_out, d_in, generator=gen) * 0.02
+        for fmt in args.formats:
+            holder = _holder(nn)
+            holder.qkv_proj = nn.Linear(d_in, d_out, bias=False)
+            holder.requires_grad_(False)
+            lib = AdapterLibrary(holder)
+            delta = cpu_delta(torch, (d_out, d_in), fmt, args.keep, gen)
+            lib.register("a", {"qkv_proj": delta})
+            pool = lib.pools["qkv_proj"]
+            rank = lora_rank(d_out, d_in, args.keep, fmt)
+            lora_a, lora_b = torch.randn(rank, d_in, generator=gen), torch.randn(d_out, rank, generator=gen)
+            if fmt == "block":
+                ids = delta.block_indices.long()
+                rows_, cols_ = ids // (d_in // 16), ids % (d_in // 16)
+            else:
+                ids = delta.indices.long()
+                rows_, cols_ = ids // d_in, ids % d_in
+            for m in (1, 8, 64):
+                x = torch.randn(m, d_in, generator=gen)
+                toks = torch.arange(m, dtype=torch.int32)
+                plan = (toks, torch.zeros(1, dtype=torch.int32), torch.tensor([0, m], dtype=torch.int32))
+
+                def path(x=x, plan=plan):
+                    out = torch.zeros(x.shape[0], d_out)
+                    if fmt == "block":
+                        return ref.multi_block_delta(x, out, *plan, pool.blk_ptr, pool.block_cols, pool.blocks)
+                    return ref.multi_element_delta(x, out, *plan, pool.el_ptr, pool.cols, pool.values)
+
+                def gather(x=x):
+                    if fmt == "block":  # each block times its 16-wide slice of x, summed per block row
+                        xg = x.t().reshape(d_in // 16, 16, x.shape[0]).index_select(0, cols_)
+                        y = torch.zeros(d_out // 16, 16, x.shape[0]).index_add_(0, rows_, torch.bmm(delta.blocks, xg))
+                        return y.view(d_out, -1).t()
+                    prod = x.index_select(1, cols_) * delta.values
+                    return torch.zeros(x.shape[0], d_out).index_add_(1, rows_, prod)
+
+                calls = {"path": path, "gather": gather, "dense": lambda x=x: x @ delta.to_dense().t(),
+                         "base": lambda x=x: x @ weight.t(), "lora": lambda x=x: (x @ lora_a.t()) @ lora_b.t()}
+                if fmt == "element" and m * delta.nnz > 50_000_000:
+                    del calls["gather"]  # an [m, nnz] product: too much memory to time
+                expect = calls["dense"]()
+                for name in ("path", "gather"):
+                    if name in calls:
+                        err = float((calls[name]() - expect).norm() / expect.norm())
+                        if not err < 1e-4:
+                            raise AssertionError(f"{name} ({fmt}, m={m}) disagrees with the dense product: {err:.3g}")
+                times = {k: [] for k in calls}
+                with torch.no_grad():
+                    for _ in range(max(3, args.repeats)):
+                        for k, fn in calls.items():
+                            c = time.process_time()
+                            fn()
+                            times[k].append((time.process_time() - c) * 1e3)
+                ms = {k: min(v) for k, v in times.items()}
+                for k in calls:
+                    rows.append(dict(meta, level="op-cpu", format=fmt, impl=k, hidden=hidden, d_out=d_out, d_in=d_in,
+                                     tokens=m, keep_ratio=args.keep, peft_rank=rank, ms=ms[k],
+                                     vs_base=ms[k] / ms["base"], load_avg=os.getloadavg()[0]))
+            lib.uninstall()
+    return rows
+
+
+def print_cpu_ops(rows):
+    impls = ("base", "path", "gather", "dense", "lora")
+    print("op level, one qkv_proj, CPU time ms (1 thread); path = the serving path's delta alone")
+    print(f"{'hidden':>6s} {'format':>7s} {'tokens':>6s} " + " ".join(f"{k:>8s}" for k in impls))
+    cases = {}
+    for r in rows:
+        if r["level"] == "op-cpu":
+            cases.setdefault((r["hidden"], r["format"], r["tokens"]), {})[r["impl"]] = r["ms"]
+    for (hidden, fmt, m), ms in cases.items():
+        print(f"{hidden:6d} {fmt:>7s} {m:6d} " + " ".join(f"{ms[k]:8.3f}" if k in ms else f"{'-':>8s}" for k in impls))
+
+
 def print_cpu_table(rows):
     print(f"CPU time (ms, 1 thread):\n{'hidden':>6s} {'format':>7s} {'experts':>7s} {'phase':>8s} {'base ms':>9s} {'ours ms':>9s} "
           f"{'peft ms':>9s} {'ours/base':>9s} {'ours/peft':>9s}")
@@ -807,17 +896,21 @@ def run_cpu(args):
     meta = run_metadata("multi_adapter", device="cpu", threads=args.threads, backend="reference",
                         transformers=_version("transformers"), peft=_version("peft"))
     rows = []
+    if not args.no_ops:
+        rows += _recorded(args, False, cpu_ops(torch, args, meta))
+        print_cpu_ops(rows)
     if not args.no_register:
         with tempfile.TemporaryDirectory() as tmp:
             for fmt in ("element", "block"):
                 rows += _recorded(args, False, [register_peak(torch, args, meta, fmt, tmp)])
-    for hidden in args.hidden:
+    for hidden in args.hidden if not args.no_model else ():
         for n in sorted(args.adapters):
             for fmt in args.formats:
                 rows += _recorded(args, False, cpu_case(torch, args, meta, hidden, fmt, n))
                 print_cpu_table([r for r in rows if r["level"] == "model"][-6:])
     print(f"\ndevice {meta['device']}, {args.threads} thread(s), load average now {os.getloadavg()[0]:.2f}; "
           f"process CPU time, min of {args.repeats} alternated repeats; every row of a batch a different expert")
+    print_cpu_ops(rows)
     print_cpu_table(rows)
     if not args.no_record:
         print(f"appended {len(rows)} rows to {args.results}")
