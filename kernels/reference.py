@@ -452,18 +452,17 @@ def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, val
     shape = (int(out.shape[-1]), int(x.shape[-1]))
     compute = torch.promote_types(x.dtype, torch.float32)
     offsets = seg_offsets.tolist()
-    slots = seg_slots.tolist()
-    seg = seg_slots.long()
-    extents = torch.stack([row_ptr[:, 0].index_select(0, seg), row_ptr[:, -1].index_select(0, seg)], 1).tolist()
-    for i, slot in enumerate(slots):
+    extents = row_ptr[:, [0, -1]].tolist()  # [start, end) of every slot: one small copy, one transfer
+    for i, slot in enumerate(seg_slots.tolist()):
         a, b = offsets[i], offsets[i + 1]
-        start, end = extents[i]
+        start, end = extents[slot]
         if b <= a or end <= start:  # no tokens, or an adapter with nothing in this layer
             continue
         mat = _segment_matrix(row_ptr[slot], start, end, cols, values, shape, x.dtype, compute, layout)
         toks = token_order[a:b]
         xs = x.index_select(0, toks)
-        ys = (mat @ xs.t().to(compute)).t()  # [tokens, d_out], sparse × dense: only the kept entries
+        xs_t = xs.t() if xs.dtype == compute else xs.t().to(compute)
+        ys = (mat @ xs_t).t()  # [tokens, d_out], sparse × dense: only the kept entries
         if out.dtype == compute:
             out.index_add_(0, toks, ys)
         else:  # the sum is added to out read in fp32 and rounded once
