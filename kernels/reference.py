@@ -451,22 +451,31 @@ def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, val
         return out
     shape = (int(out.shape[-1]), int(x.shape[-1]))
     compute = torch.promote_types(x.dtype, torch.float32)
-    offsets = seg_offsets.tolist()
-    extents = row_ptr[:, [0, -1]].tolist()  # [start, end) of every slot: one small copy, one transfer
+    offsets, tokens = seg_offsets.tolist(), token_order.tolist()
+    starts, ends = row_ptr[:, 0].tolist(), row_ptr[:, -1].tolist()  # every slot's extent [start, end)
     for i, slot in enumerate(seg_slots.tolist()):
         a, b = offsets[i], offsets[i + 1]
-        start, end = extents[slot]
+        start, end = starts[slot], ends[slot]
         if b <= a or end <= start:  # no tokens, or an adapter with nothing in this layer
             continue
         mat = _segment_matrix(row_ptr[slot], start, end, cols, values, shape, x.dtype, compute, layout)
+        # a segment's tokens are ascending; consecutive ones (one request, or a decode row) are a view
+        run = slice(tokens[a], tokens[b - 1] + 1) if tokens[b - 1] - tokens[a] == b - a - 1 else None
         toks = token_order[a:b]
-        xs = x.index_select(0, toks)
+        xs = x[run] if run is not None else x.index_select(0, toks)
         xs_t = xs.t() if xs.dtype == compute else xs.t().to(compute)
         ys = (mat @ xs_t).t()  # [tokens, d_out], sparse × dense: only the kept entries
-        if out.dtype == compute:
+        if out.dtype != compute:  # the sum is added to out read in fp32 and rounded once
+            ys = (out[run] if run is not None else out.index_select(0, toks)).to(compute) + ys
+            ys = ys.to(out.dtype)
+            if run is not None:
+                out[run] = ys
+            else:
+                out.index_copy_(0, toks.long(), ys)
+        elif run is not None:
+            out[run] += ys
+        else:
             out.index_add_(0, toks, ys)
-        else:  # the sum is added to out read in fp32 and rounded once
-            out.index_copy_(0, toks.long(), (out.index_select(0, toks).to(compute) + ys).to(out.dtype))
     return out
 
 
