@@ -1,6 +1,6 @@
 """Each kernel benchmark's ``--smoke`` mode runs (tiny correctness pass through the kernels,
-no timing) and records nothing, and so does the training-step benchmark's (every method once
-on a tiny Phi-3): the scripts cannot rot unnoticed between GPU sessions."""
+no timing) and records nothing, and so do the training-step and loading benchmarks' (every
+method or case once on a tiny Phi-3): the scripts cannot rot unnoticed between GPU sessions."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["bench_masked_delta.py", "bench_block_sparse.py", "bench_topk.py", "bench_multi_adapter.py",
-           "bench_training.py"]
+           "bench_training.py", "bench_loading.py"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA --smoke is not a smoke run: run the benchmarks")
 
