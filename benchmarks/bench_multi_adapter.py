@@ -62,8 +62,8 @@ def parse_args(argv=None):
     cpu.add_argument("--cpu", action="store_true", help="run the CPU table (reference path) instead of the GPU "
                      "benchmark; --adapters, --formats, --keep, --layers, --prompt apply; rows are recorded")
     cpu.add_argument("--hidden", type=int, nargs="+", default=[512, 3072], help="model widths (3072: Phi-3-mini)")
-    cpu.add_argument("--new-tokens", type=int, default=8, help="tokens generated per row")
-    cpu.add_argument("--repeats", type=int, default=4, help="alternated repeats (the minimum is kept)")
+    cpu.add_argument("--new-tokens", type=int, default=4, help="tokens generated per row")
+    cpu.add_argument("--repeats", type=int, default=3, help="alternated repeats (the minimum is kept; op level: >= 5)")
     cpu.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared CPU)")
     cpu.add_argument("--no-register", action="store_true", help="skip the register peak-memory rows (both formats)")
     cpu.add_argument("--no-ops", action="store_true", help="skip the op-level rows (the delta's candidates)")
@@ -843,7 +843,7 @@ def cpu_ops(torch, args, meta):
                             raise AssertionError(f"{name} ({fmt}, m={m}) disagrees with the dense product: {err:.3g}")
                 times = {k: [] for k in calls}
                 with torch.no_grad():
-                    for _ in range(max(3, args.repeats)):
+                    for _ in range(max(5, args.repeats)):
                         for k, fn in calls.items():
                             c = time.process_time()
                             fn()
