@@ -1,7 +1,7 @@
 """``SparseAdapterLinear``: a drop-in wrapper of ``nn.Linear`` holding a sparse delta.
 
 Phases of Algorithm 1: **search** (mask epochs: the mask may change) and **fixed** (after
-them). Storage, one of three (README, "Memory of training"):
+them). Storage, one of three (README, "Algorithm 1, as implemented"):
 
 * dense search (until the first mask update, Ŵ starts at 0 with M = 1): ``delta`` is the
   dense fp32 Ŵ ``[d_out, d_in]``, ``mask`` a bool buffer of the same shape;
