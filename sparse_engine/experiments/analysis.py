@@ -46,14 +46,10 @@ from sparse_engine.merging import (
     merge_experts,
 )
 from sparse_engine.experiments.experts import METHODS
+from sparse_engine.experiments.labels import MERGE_LABELS, METHOD_LABELS
 from sparse_engine.experiments.ranks import Ranks
 
 KINDS = METHODS  # the expert kinds are the training methods
-KIND_LABELS = {"sparse": "Element-Sparse", "block": "Block-Sparse", "lora": "LoRA", "full": "Full-Finetune",
-               "sparse_ld": "Element-Sparse + layer drop"}
-MERGE_LABELS = {"overlap_average": "Averaging (Eq. 4)", "average": "Averaging", "task_arithmetic": "Task-Arithmetic",
-                 "ties": "Ties", "dare_linear": "DARE", "dare_ties": "DARE-Ties", "breadcrumbs": "Breadcrumbs",
-                 "magnitude_prune": "Magnitude-prune"}
 # The merges of Table 1, per expert kind: (method, hyper-parameters). Sparse experts are
 # averaged with Eq. 4 (the paper's choice); plain uniform averaging is reported too.
 TABLE1_METHODS = {
@@ -423,14 +419,14 @@ def run_table1(setup: PaperSetup, workspace: Workspace | None = None, methods: d
             scores = ws.evaluate(merged)
             details["merges"][f"{kind}/{method}"] = {"params": merged.params, "stats": merged.stats, **scores}
             paper = PAPER_TABLE1.get((kind, method), (None, None))
-            rows.append({"method": KIND_LABELS[kind], "merging": MERGE_LABELS[method], "% trainable": f"{pct:.2f}%",
+            rows.append({"method": METHOD_LABELS[kind], "merging": MERGE_LABELS[method], "% trainable": f"{pct:.2f}%",
                          "held-in": _r(scores["held_in_mean"]), "held-out": _r(scores["held_out_mean"]),
                          "paper held-in": paper[0], "paper held-out": paper[1]})
         if kind in ROUTABLE_KINDS:  # the alternative to merging: each request to its own expert
             ws.log(f"table1: routed evaluation of the {len(experts)} {kind} experts (no merge)")
             routed = ws.routed_scores(experts)
             details["routed"] = {**details.get("routed", {}), kind: routed}
-            rows.append({"method": KIND_LABELS[kind], "merging": "routed, no merge", "% trainable": f"{pct:.2f}%",
+            rows.append({"method": METHOD_LABELS[kind], "merging": "routed, no merge", "% trainable": f"{pct:.2f}%",
                          "held-in": _r(routed["held_in_mean"]), "held-out": None,
                          "paper held-in": None, "paper held-out": None})
     mt = ws.ensure_multitask()
@@ -439,7 +435,7 @@ def run_table1(setup: PaperSetup, workspace: Workspace | None = None, methods: d
     rows.append({"method": "Multitask", "merging": "-", "% trainable": "100%",
                  "held-in": _r(mt["scores"]["held_in_mean"]), "held-out": _r(mt["scores"]["held_out_mean"]),
                  "paper held-in": paper[0], "paper held-out": paper[1]})
-    individual_rows = [{"experts": KIND_LABELS[k], "mean own-task Rouge-L": _r(evaluation.mean_score(v))}
+    individual_rows = [{"experts": METHOD_LABELS[k], "mean own-task Rouge-L": _r(evaluation.mean_score(v))}
                        for k, v in details["individual"].items()]
     seconds = time.perf_counter() - start
     payload = {"table": "table1", "setup": setup.to_dict(), "details": details, "individual_rows": individual_rows,
@@ -473,7 +469,7 @@ def run_fig6(setup: PaperSetup, workspace: Workspace | None = None, ns: Sequence
     cache: dict[tuple, float] = {}
     for kind, method in pairs:
         experts = ws.ensure_experts(kind, setup.held_in)
-        label = f"{KIND_LABELS[kind]} / {MERGE_LABELS[method]}"
+        label = f"{METHOD_LABELS[kind]} / {MERGE_LABELS[method]}"
         results[label] = {}
         for n in ns:
             ws.log(f"fig6: {label}, N={n}")
@@ -556,8 +552,8 @@ def run_fig5(setup: PaperSetup, workspace: Workspace | None = None, kinds: Seque
             masked[t] = ws.evaluate(mask_result(merged, experts[t]), held_in=[t], held_out=())["held_in"][t]
         s, m, f = (evaluation.mean_score(x) for x in (single, masked, full))
         details[kind] = {"single": single, "masked": masked, "merged": full}
-        bars[KIND_LABELS[kind]] = (s, m, f)
-        rows.append({"experts": KIND_LABELS[kind], "single task": _r(s), "merged, masked only": _r(m),
+        bars[METHOD_LABELS[kind]] = (s, m, f)
+        rows.append({"experts": METHOD_LABELS[kind], "single task": _r(s), "merged, masked only": _r(m),
                      "merged": _r(f), "masked drop %": _r(100 * (s - m) / s if s else None),
                      "additional drop %": _r(100 * (m - f) / s if s else None),
                      "paper masked drop %": PAPER_FIG5["masked_drop_pct"] if kind == "sparse" else None,
@@ -607,7 +603,7 @@ def run_table3(setup: PaperSetup, workspace: Workspace | None = None) -> dict:
         sd = statistics.pstdev(active) if len(active) > 1 else 0.0
         details[kind] = {**scores, "active_layers": active}
         paper = PAPER_TABLE3[kind]
-        rows.append({"method": KIND_LABELS[kind], "held-in": _r(scores["held_in_mean"]),
+        rows.append({"method": METHOD_LABELS[kind], "held-in": _r(scores["held_in_mean"]),
                      "held-out": _r(scores["held_out_mean"]),
                      "active layers": f"{statistics.fmean(active):.2f} ± {sd:.2f} of {n_layers}",
                      "individual": _r(evaluation.mean_score({t: ws.expert_info(kind, t)["rouge_l"]

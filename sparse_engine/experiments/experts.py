@@ -24,12 +24,11 @@ from sparse_engine import data, distributed, evaluation
 from sparse_engine.baselines import attach_lora, matched_lora_rank, prepare_full_finetune
 from sparse_engine.config import SparseAdapterConfig
 from sparse_engine.io import save_adapter
+from sparse_engine.experiments.labels import MERGE_LABELS, METHOD_LABELS
 from sparse_engine.experiments.ranks import Ranks
 from sparse_engine.training import CHECKPOINT_NAME, TrainingConfig, train_expert
 
 METHODS = ("sparse", "block", "lora", "full")
-METHOD_LABELS = {"base": "base (no training)", "sparse": "element-sparse", "block": "block-sparse",
-                 "lora": "LoRA", "full": "full fine-tune"}
 # Learning rates found on the built-in suite's tiny Phi-3 (the paper tunes per method too).
 DEFAULT_LEARNING_RATES = {"sparse": 1e-2, "block": 1e-2, "lora": 1e-2, "full": 1e-3}
 DEMO_TASKS = ("reverse_words", "colour_to_fruit", "keep_animals", "odd_or_even")
@@ -236,8 +235,6 @@ def summary_rows(results: dict, total_params: int | None = None) -> list[dict]:
 DEMO_HELD_OUT = ("sort_descending", "count_animals", "fruit_to_colour")
 # The demo's merged section (Table-1-like): Eq. 4 for sparse experts, plain averaging for
 # the dense ones, and two baselines for every kind (default hyper-parameters).
-DEMO_MERGE_LABELS = {"overlap_average": "Eq. 4 averaging", "average": "averaging", "task_arithmetic": "task arithmetic",
-                     "ties": "TIES"}
 DEMO_MERGES = {"sparse": ("overlap_average", "task_arithmetic", "ties"),
                "block": ("overlap_average", "task_arithmetic", "ties"),
                "lora": ("average", "task_arithmetic", "ties"),
@@ -256,7 +253,7 @@ def merged_section(base_model, tokenizer, held_in: dict, held_out: dict, experts
 
     gen = {"max_new_tokens": max_new_tokens, "max_length": max_length, "batch_size": 100}
     base = evaluate_held(base_model, tokenizer, held_in, held_out, **gen)
-    rows = [{"experts": "base (no training)", "merging": "-", "held-in": round(base["held_in_mean"], 2),
+    rows = [{"experts": METHOD_LABELS["base"], "merging": "-", "held-in": round(base["held_in_mean"], 2),
              "held-out": round(base["held_out_mean"], 2) if held_out else None}]
     scores = {"base": base}
     for method in methods:
@@ -268,7 +265,7 @@ def merged_section(base_model, tokenizer, held_in: dict, held_out: dict, experts
             res = evaluate_held(model, tokenizer, held_in, held_out, **gen)
             del model
             scores[f"{method}/{merge}"] = res
-            rows.append({"experts": METHOD_LABELS.get(method, method), "merging": DEMO_MERGE_LABELS.get(merge, merge),
+            rows.append({"experts": METHOD_LABELS.get(method, method), "merging": MERGE_LABELS.get(merge, merge),
                          "held-in": round(res["held_in_mean"], 2),
                          "held-out": round(res["held_out_mean"], 2) if held_out else None})
     return {"rows": rows, "table": evaluation.markdown_table(rows, list(rows[0].keys())), "scores": scores}
