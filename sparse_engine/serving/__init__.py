@@ -1,7 +1,8 @@
 """Serving many sparse experts on one base model in one batch.
 
 * ``library.AdapterLibrary``: the registry; adapters packed per layer (``pool``), checked
-  against the model before anything changes, registered and unregistered at run time.
+  against the model before anything changes, registered and unregistered at run time; a
+  registration streams the adapter in checked pieces (``source``), never a dense ΔW.
 * ``layer.MultiAdapterLinear``: what a served ``nn.Linear`` becomes; the base GEMM once, then
   each row's delta through ``kernels/multi_adapter.py`` (Triton) or its reference twin.
 * ``plan``: a batch's per-row assignment and the segment plans the kernels read.
