@@ -316,7 +316,7 @@ def _cmd_merge(args) -> int:
     seconds = time.perf_counter() - start
     model = None
     if args.model_out:
-        model, tokenizer = _load_model(args)
+        model, tokenizer = load_model(args)
         for expert in experts:  # the base check worded for the command line
             _check_same_base(expert, model, expert.meta.get("file", expert.name), args)
         apply_merged(model, merged, safe_merge=not args.no_safe_merge, check_base=not args.no_check_base)
@@ -355,7 +355,7 @@ def _cmd_eval(args) -> int:
                for g, names in (("held_in", held_in), ("held_out", held_out)) for t in names]
     result_files.check_eval_results(args.out, entries, args.overwrite)
     expert = load_expert(args.adapter) if args.adapter else None
-    model, tokenizer = _load_model(args)
+    model, tokenizer = load_model(args)
     if expert is not None:
         _check_same_base(expert, model, args.adapter, args)
         apply_merged(model, expert, check_base=not args.no_check_base)
@@ -463,7 +463,7 @@ def _routed_eval(args) -> int:
     entries = [{"evaluated": label, "group": "held_in", "task": t, "settings": _eval_settings(args, gen)}
                for t in names]
     result_files.check_eval_results(args.out, entries, args.overwrite)
-    model, tokenizer = _load_model(args)
+    model, tokenizer = load_model(args)
     for t in names:  # the base check worded for the command line, before any expert is served
         path = Path(args.routed) / f"{t}-{args.routed_method}.safetensors"
         if path.is_file():
@@ -571,7 +571,8 @@ def _within_positions(model, max_length: int, given: bool) -> int:
     return positions
 
 
-def _load_model(args):
+def load_model(args):
+    """The base model and tokenizer a command names: `--model DIR`, or the built-in base."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -648,7 +649,7 @@ def _cmd_train(args, ranks=None) -> int:
     max_new = args.max_new_tokens or (16 if builtin else 128)
     # the built-in base: rank 0 builds a missing one (once), then the others read it from the cache
     load = ranks.main_first if args.model is None else ranks.run
-    model, tokenizer = load(lambda: _load_model(args))
+    model, tokenizer = load(lambda: load_model(args))
     max_length = _within_positions(model, max_length, given=args.max_length is not None)
     # --overwrite: an earlier run's checkpoint must not be resumed later in place of this run's
     ranks.run(lambda: [p.unlink(missing_ok=True) for p in stale] if ranks.is_main else None)

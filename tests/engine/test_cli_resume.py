@@ -112,7 +112,7 @@ def test_ctrl_c_says_what_is_left_in_one_line(tmp_path, monkeypatch, capsys, com
 
     monkeypatch.setattr({"train": experts, "reproduce": analysis, "eval": reports}[command],
                         {"train": "run_experts", "reproduce": "reproduce", "eval": "evaluate_held"}[command], interrupt)
-    monkeypatch.setattr("sparse_engine.cli._load_model", lambda args: (None, None))
+    monkeypatch.setattr("sparse_engine.cli.load_model", lambda args: (None, None))
     out = str(tmp_path / "out")
     argv = {"train": ["train", "--tasks", "add_one", "--n-train", "8", "--out", out],
             "reproduce": ["reproduce", "table3", "--held-in", "add_one", "--held-out", "--out", out],

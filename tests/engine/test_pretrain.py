@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sparse_engine import data
-from sparse_engine.cli import _load_model, main
+from sparse_engine.cli import load_model, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def test_the_generated_file_keeps_test_questions_out_of_train(flan_file):
 
 
 def test_pretrained_base_loads_through_model_and_reads_its_text(base_dir, flan_file):
-    model, tokenizer = _load_model(Namespace(model=str(base_dir), cache_dir=None, no_progress=True))
+    model, tokenizer = load_model(Namespace(model=str(base_dir), cache_dir=None, no_progress=True))
     assert model.config.vocab_size == len(tokenizer) <= 500
     tasks = data.load_flan(str(flan_file))
     texts = [t for td in tasks.values() for split in ("train", "test") for ex in td.split(split)
