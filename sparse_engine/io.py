@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,13 @@ _HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own bound on its J
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+LAYER_TENSORS = {"element": ("values", "indices"), "block": ("blocks", "block_indices")}
+"""The two tensors an adapter file stores per layer ``L``: ``L.<values>`` and ``L.<ids>``."""
+
+
+def layer_tensor_names(layer: str, block: bool) -> tuple[str, str]:
+    """(values, ids) tensor names of ``layer`` in an adapter file."""
+    return tuple(f"{layer}.{suffix}" for suffix in LAYER_TENSORS["block" if block else "element"])
 
 
 def base_model_id(model: nn.Module) -> str:
@@ -100,11 +108,13 @@ def write_adapter(path, deltas: dict[str, SparseDelta | BlockSparseDelta], *, co
     for name, delta in deltas.items():
         shapes[name] = list(delta.shape)
         if isinstance(delta, BlockSparseDelta):
-            tensors[f"{name}.blocks"] = delta.blocks.detach().float().contiguous().cpu()
-            tensors[f"{name}.block_indices"] = delta.block_indices.contiguous().cpu()
+            values, ids = layer_tensor_names(name, block=True)
+            tensors[values] = delta.blocks.detach().float().contiguous().cpu()
+            tensors[ids] = delta.block_indices.contiguous().cpu()
         else:
-            tensors[f"{name}.values"] = delta.values.detach().float().contiguous().cpu()
-            tensors[f"{name}.indices"] = delta.indices.contiguous().cpu()
+            values, ids = layer_tensor_names(name, block=False)
+            tensors[values] = delta.values.detach().float().contiguous().cpu()
+            tensors[ids] = delta.indices.contiguous().cpu()
     meta = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
@@ -117,10 +127,35 @@ def write_adapter(path, deltas: dict[str, SparseDelta | BlockSparseDelta], *, co
     return path
 
 
-def read_safetensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file, each tensor read from the file straight into
-    its own CPU memory: no memory map stays resident beside the copy, so reading costs the
-    tensors' bytes once. Raises ``ValueError`` on a truncated or malformed file."""
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor of a safetensors file lies: its dtype, shape and first byte."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    def read_rows(self, f, start: int, end: int) -> torch.Tensor:
+        """Rows ``[start, end)`` (of dim 0) from the open binary file ``f``, straight into a
+        new tensor."""
+        tensor = torch.empty((end - start, *self.shape[1:]), dtype=self.dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            f.seek(self.offset + start * (nbytes // (end - start)))
+            if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+                raise ValueError("a tensor is cut short")
+        return tensor
+
+    def read(self, f) -> torch.Tensor:
+        """The whole tensor from the open binary file ``f``."""
+        if not self.shape:  # a scalar: one row of a one-element tensor
+            return TensorSpan(self.dtype, (1,), self.offset).read_rows(f, 0, 1).reshape(())
+        return self.read_rows(f, 0, self.shape[0])
+
+
+def read_safetensors_header(path) -> tuple[dict, dict[str, TensorSpan]]:
+    """(metadata, where each tensor lies) of a safetensors file, checked: every dtype known and
+    every tensor's bytes inside the file. Raises ``ValueError`` on a malformed header."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -131,26 +166,30 @@ def read_safetensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
         if n > min(size - 8, _HEADER_LIMIT):
             raise ValueError(f"its header claims {n} bytes, more than the file holds ({size})")
         header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        start, tensors = 8 + n, {}
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name} has dtype {info['dtype']}, not one of {sorted(_DTYPES)}")
-            shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if min(shape, default=0) < 0 or end - begin != nbytes or begin < 0 or start + end > size:
-                raise ValueError(f"tensor {name} ({info['dtype']} {shape}) does not fit its bytes "
-                                 f"[{begin}, {end}) of the file's {size - start}")
-            tensor = torch.empty(shape, dtype=dtype)
-            if nbytes:
-                f.seek(start + begin)
-                if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != nbytes:
-                    raise ValueError(f"tensor {name} is cut short")
-            tensors[name] = tensor
-    return metadata, tensors
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    start, spans = 8 + n, {}
+    for name, info in header.items():
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name} has dtype {info['dtype']}, not one of {sorted(_DTYPES)}")
+        shape, (begin, end) = tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or end - begin != nbytes or begin < 0 or start + end > size:
+            raise ValueError(f"tensor {name} ({info['dtype']} {list(shape)}) does not fit its bytes "
+                             f"[{begin}, {end}) of the file's {size - start}")
+        spans[name] = TensorSpan(dtype, shape, start + begin)
+    return metadata, spans
+
+
+def read_safetensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, each tensor read from the file straight into
+    its own CPU memory: no memory map stays resident beside the copy, so reading costs the
+    tensors' bytes once. Raises ``ValueError`` on a truncated or malformed file."""
+    metadata, spans = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        return metadata, {name: span.read(f) for name, span in spans.items()}
 
 
 def read_adapter(path) -> tuple[dict, dict[str, SparseDelta | BlockSparseDelta]]:
@@ -170,11 +209,11 @@ def read_adapter(path) -> tuple[dict, dict[str, SparseDelta | BlockSparseDelta]]
         raise ValueError(f"{path}: adapter format version {meta.get('format_version')} is not supported ({FORMAT_VERSION})")
     deltas = {}
     for name, shape in meta["layers"].items():
+        block = layer_tensor_names(name, block=True)[0] in tensors
+        values, ids = layer_tensor_names(name, block)
         try:
-            if f"{name}.blocks" in tensors:
-                deltas[name] = BlockSparseDelta(tuple(shape), tensors[f"{name}.blocks"], tensors[f"{name}.block_indices"])
-            else:
-                deltas[name] = SparseDelta(tuple(shape), tensors[f"{name}.values"], tensors[f"{name}.indices"])
+            kind = BlockSparseDelta if block else SparseDelta
+            deltas[name] = kind(tuple(shape), tensors[values], tensors[ids])
         except KeyError as exc:
             raise ValueError(f"{path}: tensors of layer {name} are missing ({exc})") from exc
         except ValueError as exc:

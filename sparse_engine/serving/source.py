@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,13 @@ from pathlib import Path
 import torch
 
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
-from sparse_engine.io import FORMAT_VERSION, METADATA_KEY
+from sparse_engine.io import FORMAT_VERSION, METADATA_KEY, TensorSpan, layer_tensor_names, read_safetensors_header
 from sparse_engine.serving.pool import BLOCK, ELEMENT
 
 CHUNK_SCALARS = 1 << 18
 """Values read and written per piece (1 MiB of fp32): bounds a registration's transient memory."""
 
-# the tensors sparse_engine.io.write_adapter stores per layer L: L.<values>, L.<ids>
-_FILE_TENSORS = {ELEMENT: ("values", "indices"), BLOCK: ("blocks", "block_indices")}
-_VALUE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -101,14 +98,9 @@ def file_sources(path, where: str) -> tuple[dict, dict[str, LayerSource]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= size - 8:
-                raise ValueError(f"its header claims {n} bytes of a {size}-byte file")
-            header = json.loads(f.read(n))
-        raw = (header.pop("__metadata__", None) or {}).get(METADATA_KEY)
+        metadata, spans = read_safetensors_header(path)
+        raw = metadata.get(METADATA_KEY)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {exc}") from exc
     if raw is None:
@@ -116,48 +108,34 @@ def file_sources(path, where: str) -> tuple[dict, dict[str, LayerSource]]:
     meta = json.loads(raw)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: adapter format version {meta.get('format_version')} is not supported ({FORMAT_VERSION})")
-    data_start = 8 + n
     out = {}
     for layer, shape in (meta.get("layers") or {}).items():
-        kind = BLOCK if f"{layer}.{_FILE_TENSORS[BLOCK][0]}" in header else ELEMENT
-        v_key, i_key = (f"{layer}.{suffix}" for suffix in _FILE_TENSORS[kind])
-        if v_key not in header or i_key not in header:
+        block = layer_tensor_names(layer, block=True)[0] in spans
+        kind = BLOCK if block else ELEMENT
+        v_key, i_key = layer_tensor_names(layer, block)
+        if v_key not in spans or i_key not in spans:
             raise ValueError(f"{path}: tensors of layer {layer} are missing ({v_key}, {i_key})")
-        v_info, i_info = header[v_key], header[i_key]
-        v_shape, i_shape = list(v_info["shape"]), list(i_info["shape"])
-        bs = v_shape[-1] if kind == BLOCK else None
+        values, ids = spans[v_key], spans[i_key]
+        bs = values.shape[-1] if block else None
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"{path}: layer {layer} has shape {shape}, not (d_out, d_in)")
-        if v_info["dtype"] not in _VALUE_DTYPES or i_info["dtype"] != "I32":
-            raise ValueError(f"{path}: layer {layer} stores {v_info['dtype']} values and {i_info['dtype']} ids; "
-                             f"expected one of {sorted(_VALUE_DTYPES)} and I32")
-        fits = (len(v_shape) == 3 and v_shape[1] == bs and bs > 0 and shape[0] % bs == 0 and shape[1] % bs == 0
-                if kind == BLOCK else len(v_shape) == 1)
-        if not fits or i_shape != v_shape[:1]:
-            raise ValueError(f"{path}: layer {layer}: {v_key} {v_shape} and {i_key} {i_shape} do not fit a "
-                             f"{'block' if kind == BLOCK else 'element'}-sparse layer of shape {tuple(shape)}")
-        parts = []
-        for info, dtype in ((v_info, _VALUE_DTYPES[v_info["dtype"]]), (i_info, torch.int32)):
-            begin, end = info["data_offsets"]
-            row = math.prod(info["shape"][1:]) * dtype.itemsize
-            if not 0 <= begin <= end <= size - data_start or end - begin != info["shape"][0] * row:
-                raise ValueError(f"{path}: tensor of layer {layer} ({info['shape']}) does not fit its bytes "
-                                 f"[{begin}, {end}) of the file")
-            parts.append((data_start + begin, tuple(info["shape"][1:]), dtype))
-        out[layer] = LayerSource(layer, (int(shape[0]), int(shape[1])), kind, int(v_shape[0]), bs,
-                                 functools.partial(_read_file, str(path), tuple(parts)), where)
+        if values.dtype not in _VALUE_DTYPES or ids.dtype != torch.int32:
+            raise ValueError(f"{path}: layer {layer} stores {values.dtype} values and {ids.dtype} ids; "
+                             f"expected one of {list(_VALUE_DTYPES)} and torch.int32")
+        fits = (len(values.shape) == 3 and values.shape[1] == bs and bs > 0 and shape[0] % bs == 0
+                and shape[1] % bs == 0 if block else len(values.shape) == 1)
+        if not fits or ids.shape != values.shape[:1]:
+            raise ValueError(f"{path}: layer {layer}: {v_key} {list(values.shape)} and {i_key} {list(ids.shape)} "
+                             f"do not fit a {kind}-sparse layer of shape {tuple(shape)}")
+        out[layer] = LayerSource(layer, (int(shape[0]), int(shape[1])), kind, values.shape[0], bs,
+                                 functools.partial(_read_file, str(path), values, ids), where)
     return meta, out
 
 
-def _read_file(path, parts, start, end):
-    """Rows ``[start, end)`` of each tensor in ``parts`` (file offset, row shape, dtype)."""
-    out = []
+def _read_file(path, values: TensorSpan, ids: TensorSpan, start: int, end: int):
+    """Rows ``[start, end)`` of a layer's values and ids."""
     with open(path, "rb") as f:
-        for offset, row_shape, dtype in parts:
-            t = torch.empty((end - start, *row_shape), dtype=dtype)
-            nbytes = t.numel() * dtype.itemsize
-            f.seek(offset + start * (nbytes // max(1, end - start)))
-            if nbytes and f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != nbytes:
-                raise ValueError(f"{path} is cut short")
-            out.append(t)
-    return tuple(out)
+        try:
+            return values.read_rows(f, start, end), ids.read_rows(f, start, end)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
