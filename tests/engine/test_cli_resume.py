@@ -83,9 +83,12 @@ def test_ctrl_c_on_a_real_process(tmp_path, tiny_base_dir, capsys):
     checkpoint = out / "checkpoints" / "reverse_words-sparse" / training.CHECKPOINT_NAME
     # 20 steps, a checkpoint after each: the signal lands long before the end
     args = [*SMALL, "--epochs", "5", "--model", str(tiny_base_dir), "--checkpoint-every", "1", "--out", str(out)]
+    # SIGINT back to its default in the child: a test run started in the background (a shell
+    # without job control) ignores SIGINT, and Python then keeps ignoring it
     proc = subprocess.Popen([sys.executable, "-m", "sparse_engine.cli", "train", *args], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
