@@ -468,17 +468,29 @@ def merged_qkv(torch, model, lib, deltas):
 
 def model_peft(torch, model, lib, n, rank, device, dtype):
     """A PEFT copy of the base model (same weights) with ``n`` LoRA adapters on qkv_proj."""
+    peft_model = peft_over(model, lib, n, rank, share_weights=False)
+    peft_model.to(device=device, dtype=dtype)
+    return peft_model
+
+
+def peft_over(model, lib, n, rank, share_weights: bool):
+    """PEFT LoRA (``n`` adapters of rank ``rank`` on qkv_proj, random A and B) over a copy of
+    ``model`` with its served layers back to plain linears; ``share_weights``: the copy shares
+    every weight with ``model`` (no second copy of the base)."""
     from peft import LoraConfig, get_peft_model
 
-    plain = copy.deepcopy(model, memo={id(lib): lib})  # share (do not copy) the library the wrappers point to
-    for layer, wrapper in lib._wrapped.items():  # the copy holds our wrappers: put plain linears back
-        parent_name, _, child = layer.rpartition(".")
-        setattr(plain.get_submodule(parent_name), child, plain.get_submodule(layer).base)
+    from sparse_engine.model import replace_module
+
+    memo = {id(lib): lib}  # share (do not copy) the library the wrappers point to
+    if share_weights:
+        memo.update({id(p): p for p in model.parameters()})
+    plain = copy.deepcopy(model, memo=memo)
+    for layer in lib.layers:  # the copy holds our wrappers: put the plain linears back
+        replace_module(plain, layer, plain.get_submodule(layer).base)
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv_proj"], init_lora_weights=False)
     peft_model = get_peft_model(plain, cfg, adapter_name="a0")
     for i in range(1, n):
         peft_model.add_adapter(f"a{i}", cfg)
-    peft_model.to(device=device, dtype=dtype)
     peft_model.eval().requires_grad_(False)
     return peft_model
 
@@ -651,24 +663,6 @@ def cpu_delta(torch, shape, fmt, keep, gen):
     return SparseDelta(shape, torch.randn(len(ids), generator=gen) * 0.01, ids)
 
 
-def shared_peft(torch, model, lib, n, rank):
-    """PEFT LoRA (``n`` adapters of rank ``rank`` on qkv_proj, random A and B) over a copy of
-    ``model`` that shares every weight with it (no second copy of the base)."""
-    from peft import LoraConfig, get_peft_model
-
-    memo = {id(lib): lib, **{id(p): p for p in model.parameters()}}
-    plain = copy.deepcopy(model, memo=memo)
-    for layer in lib.layers:  # the copy holds our wrappers: put the plain linears back
-        parent, _, child = layer.rpartition(".")
-        setattr(plain.get_submodule(parent), child, plain.get_submodule(layer).base)
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(plain, cfg, adapter_name="a0")
-    for i in range(1, n):
-        peft_model.add_adapter(f"a{i}", cfg)
-    peft_model.eval().requires_grad_(False)
-    return peft_model
-
-
 def cpu_calls(torch, model, lib, peft_model, names, ids, new_tokens):
     """(phase, impl) -> a zero-argument call: the mixed batch through each method."""
     mask = torch.ones_like(ids)
@@ -711,7 +705,7 @@ def cpu_case(torch, args, meta, hidden, fmt, n):
     for i in range(n):
         lib.register(f"a{i}", {layer: cpu_delta(torch, (d_out, d_in), fmt, args.keep, gen) for layer in layers})
     rank = lora_rank(d_out, d_in, args.keep, fmt)
-    peft_model = shared_peft(torch, model, lib, n, rank)
+    peft_model = peft_over(model, lib, n, rank, share_weights=True)
     names = [f"a{i}" for i in range(n)]  # every row a different expert
     ids = torch.randint(3, 32000, (n, args.prompt), generator=gen)
     with torch.no_grad():

@@ -194,21 +194,33 @@ def read_safetensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
         return metadata, {name: span.read(f) for name, span in spans.items()}
 
 
-def read_adapter(path) -> tuple[dict, dict[str, SparseDelta | BlockSparseDelta]]:
-    """(metadata, deltas by layer name) from an adapter file, validated; no model needed."""
+def read_adapter_header(path) -> tuple[dict, dict[str, TensorSpan]]:
+    """(sparse-engine metadata, where each tensor lies) of an adapter file, checked (a readable
+    header, our metadata, a supported format version); no tensor is read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
     try:
-        metadata, tensors = read_safetensors(path)
-        raw_meta = metadata.get(METADATA_KEY)
+        metadata, spans = read_safetensors_header(path)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {exc}") from exc
+    raw_meta = metadata.get(METADATA_KEY)
     if raw_meta is None:
         raise ValueError(f"{path} has no sparse-engine metadata; it is not an adapter file written by save_adapter")
     meta = json.loads(raw_meta)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: adapter format version {meta.get('format_version')} is not supported ({FORMAT_VERSION})")
+    return meta, spans
+
+
+def read_adapter(path) -> tuple[dict, dict[str, SparseDelta | BlockSparseDelta]]:
+    """(metadata, deltas by layer name) from an adapter file, validated; no model needed."""
+    meta, spans = read_adapter_header(path)
+    try:
+        with open(path, "rb") as f:
+            tensors = {name: span.read(f) for name, span in spans.items()}
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {exc}") from exc
     deltas = {}
     for name, shape in meta["layers"].items():
         block = layer_tensor_names(name, block=True)[0] in tensors

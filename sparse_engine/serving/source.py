@@ -9,7 +9,6 @@ unique, in range; values finite) as it is read, before the pool writes it anywhe
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sparse_engine.formats import BlockSparseDelta, SparseDelta
-from sparse_engine.io import FORMAT_VERSION, METADATA_KEY, TensorSpan, layer_tensor_names, read_safetensors_header
+from sparse_engine.io import TensorSpan, layer_tensor_names, read_adapter_header
 from sparse_engine.serving.pool import BLOCK, ELEMENT
 
 CHUNK_SCALARS = 1 << 18
@@ -96,18 +95,7 @@ def file_sources(path, where: str) -> tuple[dict, dict[str, LayerSource]]:
     (format version, every layer's tensors, dtypes, shapes and byte ranges); the entries are
     read when streamed, each piece straight from the file into its own tensor (no memory map)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file not found: {path}")
-    try:
-        metadata, spans = read_safetensors_header(path)
-        raw = metadata.get(METADATA_KEY)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable adapter file (truncated or corrupt?): {exc}") from exc
-    if raw is None:
-        raise ValueError(f"{path} has no sparse-engine metadata; it is not an adapter file written by save_adapter")
-    meta = json.loads(raw)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: adapter format version {meta.get('format_version')} is not supported ({FORMAT_VERSION})")
+    meta, spans = read_adapter_header(path)
     out = {}
     for layer, shape in (meta.get("layers") or {}).items():
         block = layer_tensor_names(layer, block=True)[0] in spans
