@@ -21,7 +21,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import append_rows, reexec_with_fixed_mmap_threshold, run_metadata, sm90_compile_check
+from common import (
+    append_rows,
+    mmap_threshold,
+    reexec_with_fixed_mmap_threshold,
+    run_metadata,
+    run_with_fixed_mmap_threshold,
+    sm90_compile_check,
+)
 
 IMPLS = ("base", "merged", "ours", "peft", "loop")
 GOALS = (  # (level, phase, metric, impl, minimum) at 64 distinct block adapters, keep 0.1 (docs/serving.md)
@@ -888,7 +895,8 @@ def run_cpu(args):
 
     torch.set_num_threads(args.threads)
     meta = run_metadata("multi_adapter", device="cpu", threads=args.threads, backend="reference",
-                        transformers=_version("transformers"), peft=_version("peft"))
+                        transformers=_version("transformers"), peft=_version("peft"),
+                        malloc_mmap_threshold=mmap_threshold())
     rows = []
     if not args.no_ops:
         rows += _recorded(args, False, cpu_ops(torch, args, meta))
@@ -1026,7 +1034,17 @@ def main(argv=None):
     if args.smoke:
         return run_smoke(args)
     if args.cpu:
-        reexec_with_fixed_mmap_threshold(__file__)  # before torch: CPU peak RSS needs it
+        if args.no_register:
+            return run_cpu(args)
+        if args.no_ops and args.no_model:
+            reexec_with_fixed_mmap_threshold(__file__)  # before torch: CPU peak RSS needs it
+            return run_cpu(args)
+        # peak RSS needs a fixed mmap threshold, which would distort the timings: register rows in a child
+        rc = run_with_fixed_mmap_threshold(__file__, [*(sys.argv[1:] if argv is None else argv), "--no-ops",
+                                                      "--no-model"])
+        if rc:
+            return rc
+        args.no_register = True
         return run_cpu(args)
     import torch
 

@@ -406,11 +406,17 @@ def delta_score_topk(dy, x, delta, k: int, score: str = "mcs") -> torch.Tensor:
 
 
 # ------------------------------------------- multi-adapter serving (twins of kernels/multi_adapter.py)
-# Twins of the segmented multi-adapter launchers, and the CPU serving path: per segment, the
-# slot's CSR (element) or BSR (block) extent of the pool is wrapped as a torch sparse matrix
-# without copying and multiplied with the segment's tokens, so a step costs what the kept
-# entries cost (no dense ΔW is formed). Measured on the CPU against gather/index_add and a
-# padded-row bmm: docs/serving.md, "CPU path".
+# Twins of the segmented multi-adapter launchers, and the CPU serving path: per segment, only
+# the slot's kept entries are read and no dense ΔW is formed. Element pools: the slot's CSR
+# extent wrapped as a torch sparse matrix without copying. Block pools: the segment's x slices
+# gathered per kept block, one batched 16×16 matmul, the products summed into their block rows,
+# in chunks small enough to stay in cache. Picked by measurement against torch's BSR, a CSR
+# copy, gather/index_add and a dense rebuild: docs/serving.md, "CPU path".
+
+SERVING_CHUNK = 1 << 19
+"""Gathered activation scalars per chunk of the CPU block path (2 MiB in fp32): the gathered
+slices and their products stay in cache, and a chunk is large enough (4096 blocks at 8
+tokens) that the per-call cost of the four torch ops stays small."""
 
 
 @functools.cache
@@ -423,33 +429,61 @@ def _sparse_constructors_quiet() -> None:
                                 torch.ones(1), (1, 1), check_invariants=False)
 
 
-def _segment_matrix(row_ptr_line, start, end, cols, values, shape, value_dtype, compute_dtype, layout):
-    """The slot's entries ``[start, end)`` of a pool (``row_ptr_line``: their absolute CSR row
-    pointers) as a sparse ``[d_out, d_in]`` matrix of its values rounded to ``value_dtype`` and
-    held in ``compute_dtype``: a view of the pool when the dtypes already match."""
+def _rounded(values, value_dtype, compute_dtype):
+    """``values`` rounded to ``value_dtype`` and held in ``compute_dtype`` (a view when both match)."""
+    if values.dtype != value_dtype:
+        values = values.to(value_dtype)
+    return values if values.dtype == compute_dtype else values.to(compute_dtype)
+
+
+def _element_product(xs, row_ptr_line, start, end, cols, values, d_out, value_dtype):
+    """``xs · ΔWᵀ`` (``[tokens, d_out]``, in xs's dtype) for the slot whose CSR entries are
+    ``[start, end)`` of the pool (``row_ptr_line``: their absolute row pointers): torch's CSR
+    product over a view of the pool, only the kept entries."""
     crow = row_ptr_line - start if start else row_ptr_line
     col = cols[start:end]
     if crow.dtype != torch.int32:
         crow = crow.to(torch.int32)
     if col.dtype != torch.int32:  # int16 pools (the Triton layout): widened per call, copies the ids
         col = col.to(torch.int32)
-    vals = values[start:end]
-    if vals.dtype != value_dtype:
-        vals = vals.to(value_dtype)
-    if vals.dtype != compute_dtype:
-        vals = vals.to(compute_dtype)
+    vals = _rounded(values[start:end], value_dtype, xs.dtype)
     _sparse_constructors_quiet()
-    make = torch.sparse_bsr_tensor if layout == "bsr" else torch.sparse_csr_tensor
-    return make(crow, col, vals, shape, check_invariants=False)
+    mat = torch.sparse_csr_tensor(crow, col, vals, (d_out, xs.shape[-1]), check_invariants=False)
+    return (mat @ xs.t()).t()
 
 
-def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, layout):
+def _block_product(xs, row_ptr_line, start, end, cols, blocks, d_out, value_dtype):
+    """``xs · ΔWᵀ`` (``[tokens, d_out]``, in xs's dtype) for the slot whose blocks are
+    ``[start, end)`` of the pool: each kept block times its 16-column slice of the tokens
+    (gathered), summed into its block row; only the kept blocks are read."""
+    n_tok, d_in = xs.shape
+    bs = blocks.shape[-1]
+    n_rb, n_cb = d_out // bs, d_in // bs
+    # the block row of every kept block; int64: index_add_ takes 4x as long with int32 ids
+    rows = torch.repeat_interleave((row_ptr_line[1:] - row_ptr_line[:-1]).long())
+    cols = cols[start:end]
+    blocks = blocks[start:end]
+    chunk = max(16, SERVING_CHUNK // (n_tok * bs))
+    acc = xs.new_zeros(n_rb, n_tok, bs)
+    if n_tok == 1:  # one matrix-vector product per block, [B, B] @ [B, 1]: torch's fastest bmm form here
+        x_cols = xs.view(n_cb, bs, 1)
+    else:  # [tokens, B] @ [B, B] per block
+        x_cols = xs.view(n_tok, n_cb, bs).transpose(0, 1).contiguous()  # [column block, token, B]
+    for a in range(0, end - start, chunk):
+        x_blk = x_cols.index_select(0, cols[a:a + chunk])
+        w_blk = _rounded(blocks[a:a + chunk], value_dtype, xs.dtype)
+        prod = torch.bmm(w_blk, x_blk).view(-1, 1, bs) if n_tok == 1 else torch.bmm(x_blk, w_blk.transpose(1, 2))
+        acc.index_add_(0, rows[a:a + chunk], prod)
+    return acc.transpose(0, 1).reshape(n_tok, d_out)
+
+
+def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, product):
     """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ``; values are cast to x's dtype,
     products accumulate in fp32 (fp64 for fp64 inputs), one rounding into ``out``."""
     n_sel = int(token_order.numel())
     if n_sel == 0 or seg_slots.numel() == 0:
         return out
-    shape = (int(out.shape[-1]), int(x.shape[-1]))
+    d_out = int(out.shape[-1])
     compute = torch.promote_types(x.dtype, torch.float32)
     offsets, tokens = seg_offsets.tolist(), token_order.tolist()
     starts, ends = row_ptr[:, 0].tolist(), row_ptr[:, -1].tolist()  # every slot's extent [start, end)
@@ -458,13 +492,13 @@ def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, val
         start, end = starts[slot], ends[slot]
         if b <= a or end <= start:  # no tokens, or an adapter with nothing in this layer
             continue
-        mat = _segment_matrix(row_ptr[slot], start, end, cols, values, shape, x.dtype, compute, layout)
         # a segment's tokens are ascending; consecutive ones (one request, or a decode row) are a view
         run = slice(tokens[a], tokens[b - 1] + 1) if tokens[b - 1] - tokens[a] == b - a - 1 else None
         toks = token_order[a:b]
         xs = x[run] if run is not None else x.index_select(0, toks)
-        xs_t = xs.t() if xs.dtype == compute else xs.t().to(compute)
-        ys = (mat @ xs_t).t()  # [tokens, d_out], sparse × dense: only the kept entries
+        if xs.dtype != compute:
+            xs = xs.to(compute)
+        ys = product(xs, row_ptr[slot], start, end, cols, values, d_out, x.dtype)  # [tokens, d_out]
         if out.dtype != compute:  # the sum is added to out read in fp32 and rounded once
             ys = (out[run] if run is not None else out.index_select(0, toks)).to(compute) + ys
             ys = ys.to(out.dtype)
@@ -475,18 +509,18 @@ def _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, val
         elif run is not None:
             out[run] += ys
         else:
-            out.index_add_(0, toks, ys)
+            out.index_add_(0, toks.long(), ys)  # int64 ids: index_add_ is several times slower with int32
     return out
 
 
 def multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, block_cols, blocks, **_):
     """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ`` (block pool), in place; returns ``out``."""
-    return _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, block_cols, blocks, "bsr")
+    return _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, block_cols, blocks, _block_product)
 
 
 def multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, **_):
     """``out[tokens of segment i] += x[...] · ΔW_{seg_slots[i]}ᵀ`` (element pool), in place; returns ``out``."""
-    return _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, "csr")
+    return _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, _element_product)
 
 
 # --------------------------------------- end of multi-adapter serving (owner: kernels/multi_adapter.py)

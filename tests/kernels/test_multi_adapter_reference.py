@@ -148,3 +148,23 @@ def test_no_dense_delta_is_formed(kind):
     largest = max(e.cpu_memory_usage for e in prof.events())
     assert 0 < largest < shape[0] * shape[1] * 4 // 8, largest
     assert out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tokens_per_segment", [1, 2, 7])
+def test_block_chunks_match_the_oracle(monkeypatch, tokens_per_segment):
+    """The block path walks a slot's blocks in chunks: forced to its smallest chunk (16 blocks),
+    a slot of ~50 blocks spans several, the last one partial, for one and several tokens."""
+    monkeypatch.setattr(ref, "SERVING_CHUNK", 1)
+    shape = (160, 176)  # 10 x 11 tiles
+    gen = torch.Generator().manual_seed(tokens_per_segment)
+    entries = _slot_entries(shape, "block", 3, gen, empty=set(), density=0.45)
+    assert all(len(ids) > 32 for ids, _ in entries)
+    row_ptr, cols, values = _pool(shape, "block", entries, torch.int32)
+    slot_of = [s for s in (2, 0, 1) for _ in range(tokens_per_segment)]
+    token_order, seg_slots, seg_offsets = _plan(slot_of)
+    x = torch.randn(len(slot_of), shape[1], generator=gen)
+    out = torch.full((len(slot_of), shape[0]), 0.5)
+    ref.multi_block_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values)
+    expect = torch.stack([0.5 + x[t].double() @ _dense(shape, "block", *entries[s]).t() for t, s in enumerate(slot_of)])
+    err = float((out.double() - expect).norm() / expect.norm())
+    assert err < 1e-6, err
