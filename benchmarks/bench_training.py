@@ -56,6 +56,7 @@ def _parse(argv=None):
     p.add_argument("--no-record", action="store_true", help="print the table but append nothing")
     p.add_argument("--out", default=RESULTS, help="JSON-lines file to append to")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, every method once with checks; records nothing")
+    p.add_argument("--peaks-to", default=None, help=argparse.SUPPRESS)  # the CPU peak-memory child: JSON out
     args = p.parse_args(argv)
     for name in ("layers", "batch", "seq", "tokens", "repeats", "layer_repeats"):
         value = getattr(args, name)
@@ -290,7 +291,8 @@ def _targets(module):
 # ------------------------------------------------------------------------------- runs
 
 
-def run_scope(torch, scope_name, args, device, dtype, meta, common):
+def run_scope(torch, scope_name, args, device, dtype, meta, common, peaks_from=None):
+    """Rows of one scope; ``peaks_from``: {method: peak bytes} measured elsewhere (the CPU child)."""
     from sparse_engine import SparseAdapterConfig
     from sparse_engine.baselines import matched_lora_rank
 
@@ -333,7 +335,10 @@ def run_scope(torch, scope_name, args, device, dtype, meta, common):
     for name, method in methods.items():
         is_step = name in STEPS
         held = method.held_bytes() if is_step else None
-        peak = None if any(p is None for p in peaks[name]) else max(peaks[name])
+        if peaks_from is not None:
+            peak = peaks_from.get(name)
+        else:
+            peak = None if any(p is None for p in peaks[name]) else max(peaks[name])
         rows.append(dict(
             meta, scope=scope_name, method=name, kind="step" if is_step else name.split("-")[1],
             layers=args.layers if scope_name == "model" else 1, tokens=scope.tokens,
@@ -411,12 +416,31 @@ def _check_smoke(rows) -> list[str]:
     return problems
 
 
+PEAK_CHILD_STEPS = 2  # the first step allocates AdamW's moments; the second is a steady one
+
+
+def _peaks_in_child(argv):
+    """CPU: {scope: {method: peak bytes}} from a child process with glibc's mmap threshold fixed
+    (peak RSS needs it, and it would slow every step of the timed run); None if it failed."""
+    import json
+    import tempfile
+
+    import common
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peaks.json")
+        rc = common.run_with_fixed_mmap_threshold(__file__, [*argv, "--peaks-to", out, "--no-record"])
+        if rc or not os.path.exists(out):
+            print(f"the peak-memory child failed (exit status {rc}); peaks not recorded", file=sys.stderr)
+            return None
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     import common
 
-    if argv is None and (args.device or "cpu") == "cpu":
-        common.reexec_with_fixed_mmap_threshold(__file__)  # before torch: CPU peak RSS needs it
     import torch
 
     if args.device is None:
@@ -426,11 +450,16 @@ def main(argv=None) -> int:
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     cuda = device.type == "cuda"
+    peaks = None
+    if not cuda and not args.smoke and args.peaks_to is None and common.mmap_threshold() is None:
+        peaks = _peaks_in_child(sys.argv[1:] if argv is None else list(argv))
     if args.smoke:
         args.layers, args.batch, args.seq, args.tokens, args.repeats, args.layer_repeats = 2, 2, 16, 32, 1, 1
     args.layers = args.layers or (32 if cuda else 2)
     args.repeats = args.repeats or (5 if cuda else 3)
     args.layer_repeats = args.layer_repeats or (20 if cuda else 9)
+    if args.peaks_to:
+        args.repeats = args.layer_repeats = PEAK_CHILD_STEPS
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if cuda else "fp32")]
     import peft
     import transformers
@@ -439,19 +468,38 @@ def main(argv=None) -> int:
         print(f"PEFT {peft.__version__} has no ShiraConfig: shira left out")
         args.methods = [m for m in args.methods if m != "shira"]
 
+    peak_source = "CUDA allocator" if cuda else (
+        f"peak RSS in a child process ({common.MMAP_THRESHOLD_ENV}={common.FIXED_MMAP_THRESHOLD}, "
+        f"max of {PEAK_CHILD_STEPS} steps); times in glibc's default allocator" if peaks is not None
+        else f"peak RSS, this process ({common.MMAP_THRESHOLD_ENV}={common.mmap_threshold()})")
     meta = common.run_metadata("training", device, transformers=transformers.__version__, peft=peft.__version__,
                                dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
                                optimizer="AdamW", lr=args.lr, backend=args.backend,
-                               shira_mask="uniform random, r*(d_in+d_out) entries, drawn on the weight's device")
-    print(f"training step benchmark on {meta['device']}, {meta['dtype']}, commit {meta['commit'][:10]}"
-          f"{' (dirty)' if meta['dirty'] else ''}", flush=True)
+                               shira_mask="uniform random, r*(d_in+d_out) entries, drawn on the weight's device",
+                               malloc_mmap_threshold=common.mmap_threshold(), peak_source=peak_source)
+    if args.peaks_to:
+        print(f"peak memory, {PEAK_CHILD_STEPS} steps per method, {peak_source}", flush=True)
+    else:
+        print(f"training step benchmark on {meta['device']}, {meta['dtype']}, commit {meta['commit'][:10]}"
+              f"{' (dirty)' if meta['dirty'] else ''}", flush=True)
     all_rows = []
+    measured = {}
     for scope_name in args.scopes:
-        rows = run_scope(torch, scope_name, args, device, dtype, meta, common)
+        scope_peaks = None if peaks is None else peaks.get(scope_name, {})
+        rows = run_scope(torch, scope_name, args, device, dtype, meta, common, peaks_from=scope_peaks)
+        measured[scope_name] = {r["method"]: r["step_peak_bytes"] for r in rows}
+        if args.peaks_to:
+            continue
         _print_rows(rows)
         all_rows += rows
         if not args.smoke and not args.no_record:  # scope by scope: a time-limited run keeps what it measured
             common.append_rows(args.out, rows)
+    if args.peaks_to:
+        import json
+
+        with open(args.peaks_to, "w", encoding="utf-8") as f:
+            json.dump(measured, f)
+        return 0
     if args.smoke:
         problems = _check_smoke(all_rows)
         for problem in problems:
