@@ -4,7 +4,8 @@ mixed batches and a per-adapter loop.
 
 Phi-3-mini layer sizes, random bf16 weights, 1 to 256 distinct adapters in batches of 1 to 256
 rows, prefill and decode, at the op level (one qkv_proj) and the model level. Rows go to
-``benchmarks/results/multi_adapter.jsonl``, only from CUDA runs. ``--smoke``: every
+``benchmarks/results/multi_adapter.jsonl`` from CUDA runs and from the ``--cpu`` table (the
+reference path against PEFT on the CPU). ``--smoke``: every
 implementation on a tiny Phi-3, checked for agreement, nothing recorded; ``--compile-check``:
 compile every kernel config for sm_90 (no GPU needed). What is timed, the bytes counted and the
 goals: docs/serving.md, section "Benchmark".
@@ -17,6 +18,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -784,9 +786,11 @@ def register_peak(torch, args, meta, fmt, tmpdir):
 
 
 def cpu_ops(torch, args, meta):
-    """Op level, one qkv_proj of each width: the CPU path's delta (a torch CSR / BSR matrix over
-    the pool) against the candidates it was picked from (gather + index_add; rebuilding a dense
-    ΔW, the old twin) and, for scale, the base matmul and a LoRA of matched rank. CPU-time rows."""
+    """Op level, one qkv_proj of each width: the CPU path's delta (element: a torch CSR matrix over
+    the pool; block: chunked gather + batched 16×16 matmul) against the candidates it was picked
+    from (torch's BSR matrix over the pool, block only; gather + index_add unchunked; rebuilding
+    a dense ΔW, the first twin) and, for scale, the base matmul and a LoRA of matched rank.
+    CPU-time rows."""
     from torch import nn
 
     from sparse_engine.kernels import reference as ref
@@ -832,12 +836,22 @@ def cpu_ops(torch, args, meta):
                     prod = x.index_select(1, cols_) * delta.values
                     return torch.zeros(x.shape[0], d_out).index_add_(1, rows_, prod)
 
+                def bsr(x=x):
+                    start, end = int(pool.blk_ptr[0, 0]), int(pool.blk_ptr[0, -1])
+                    with warnings.catch_warnings():  # torch's once-per-process "beta" notice
+                        warnings.simplefilter("ignore", UserWarning)
+                        mat = torch.sparse_bsr_tensor(pool.blk_ptr[0] - start, pool.block_cols[start:end],
+                                                      pool.blocks[start:end], (d_out, d_in), check_invariants=False)
+                    return (mat @ x.t()).t()
+
                 calls = {"path": path, "gather": gather, "dense": lambda x=x: x @ delta.to_dense().t(),
                          "base": lambda x=x: x @ weight.t(), "lora": lambda x=x: (x @ lora_a.t()) @ lora_b.t()}
+                if fmt == "block":
+                    calls["bsr"] = bsr
                 if fmt == "element" and m * delta.nnz > 50_000_000:
                     del calls["gather"]  # an [m, nnz] product: too much memory to time
                 expect = calls["dense"]()
-                for name in ("path", "gather"):
+                for name in ("path", "gather", "bsr"):
                     if name in calls:
                         err = float((calls[name]() - expect).norm() / expect.norm())
                         if not err < 1e-4:
@@ -859,7 +873,7 @@ def cpu_ops(torch, args, meta):
 
 
 def print_cpu_ops(rows):
-    impls = ("base", "path", "gather", "dense", "lora")
+    impls = ("base", "path", "bsr", "gather", "dense", "lora")
     print("op level, one qkv_proj, CPU time ms (1 thread); path = the serving path's delta alone")
     print(f"{'hidden':>6s} {'format':>7s} {'tokens':>6s} " + " ".join(f"{k:>8s}" for k in impls))
     cases = {}
