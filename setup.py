@@ -1,8 +1,8 @@
 """Packaging for sparse-engine.
 
-The top-level folder ``kernels/`` is installed as ``sparse_engine.kernels``: a top-level
-import name ``kernels`` would collide with Hugging Face's ``kernels`` library, which
-``transformers`` probes for at import time.
+The kernels live in ``sparse_engine/kernels/``, not in a top-level ``kernels/`` folder: from
+the repository root (pytest, ``python -m``) that folder would shadow Hugging Face's
+``kernels`` library, which ``transformers`` 5.25 requires and imports when it loads a model.
 """
 from setuptools import setup
 
@@ -15,7 +15,6 @@ setup(
     python_requires=">=3.10",
     packages=["sparse_engine", "sparse_engine.data", "sparse_engine.serving", "sparse_engine.merging",
               "sparse_engine.experiments", "sparse_engine.kernels"],
-    package_dir={"sparse_engine": "sparse_engine", "sparse_engine.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.46",

@@ -1,4 +1,4 @@
-"""Benchmark of the batched top-k mask selection (kernels/topk_mask.py).
+"""Benchmark of the batched top-k mask selection (sparse_engine/kernels/topk_mask.py).
 
 Shapes: 32 Phi-3-mini qkv layers (d_out 9216, d_in 3072: 906M scores), keep ratios
 0.01 / 0.1 / 0.5, per-layer and global (layer drop) selection, fp32 and bf16 inputs, and four
@@ -30,7 +30,7 @@ written) about 1.3-1.6 ms; there is no arithmetic
 worth counting. bf16 halves the input bytes; the fused sources read Ŵ and G (twice the bytes
 of the score); the block sources reduce to 1/256 as many tile keys after the first pass.
 
-Each configuration's result is checked against ``kernels/reference.py`` (index for index)
+Each configuration's result is checked against ``sparse_engine/kernels/reference.py`` (index for index)
 before it is timed. Rows are appended as JSON lines to ``benchmarks/results/topk.jsonl``.
 Without CUDA nothing is measured or recorded; ``--smoke`` runs a small correctness check
 (on the CPU through the Triton interpreter) and writes nothing. ``--cpu-reference`` times the

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Private names a file may still read across modules: none (benchmarks reach the kernels
-# through their public jit_kernels() / autotune_configs() and kernels/runtime.py); this list
+# through their public jit_kernels() / autotune_configs() and sparse_engine/kernels/runtime.py); this list
 # may only shrink.
 KNOWN_PRIVATE_READS: dict[str, set[str]] = {}
 
@@ -28,9 +28,9 @@ def test_the_import_floors_hold():
 
 
 def test_the_kernels_import_nothing_of_the_engine():
-    """kernels/ (installed as sparse_engine.kernels) is the bottom floor: torch, triton and each other."""
+    """sparse_engine/kernels/ is the bottom floor: torch, triton and each other."""
     offenders = []
-    for path in _python_files("kernels"):
+    for path in _python_files("sparse_engine/kernels"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -63,9 +63,21 @@ def _private_reads(path: Path) -> set[str]:
 
 def test_no_module_reaches_into_another_modules_private_names():
     new = {}
-    for path in _python_files("sparse_engine", "kernels", "benchmarks", "tests", "examples"):
+    for path in _python_files("sparse_engine", "benchmarks", "tests", "examples"):
         rel = str(path.relative_to(ROOT))
         extra = _private_reads(path) - KNOWN_PRIVATE_READS.get(rel, set())
         if extra:
             new[rel] = sorted(extra)
     assert not new, f"private names read across modules (make them public, or keep them inside): {new}"
+
+
+def test_no_folder_at_the_root_shadows_an_installed_package():
+    """From the repository root (pytest, ``python -m``) a package folder there is imported before
+    site-packages: a top-level ``kernels/`` once shadowed Hugging Face's ``kernels``, which
+    transformers 5.25 requires and imports when it loads a model."""
+    import importlib.metadata
+
+    folders = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} - {"sparse_engine", "tests"}
+    installed = set(importlib.metadata.packages_distributions())
+    assert not folders & installed, sorted(folders & installed)
+    assert folders == set(), f"package folders at the root besides sparse_engine/ and tests/: {sorted(folders)}"

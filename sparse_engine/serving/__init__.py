@@ -4,7 +4,7 @@
   against the model before anything changes, registered and unregistered at run time; a
   registration streams the adapter in checked pieces (``source``), never a dense ΔW.
 * ``layer.MultiAdapterLinear``: what a served ``nn.Linear`` becomes; the base GEMM once, then
-  each row's delta through ``kernels/multi_adapter.py`` (Triton) or its reference twin.
+  each row's delta through ``sparse_engine/kernels/multi_adapter.py`` (Triton) or its reference twin.
 * ``plan``: a batch's per-row assignment and the segment plans the kernels read.
 * ``routed.evaluate_routed``: Rouge-L with each request sent to its own expert.
 

@@ -24,7 +24,7 @@ def check_assignment(names) -> None:
 
 @dataclass
 class Plan:
-    """Segments of one adapter format for one (batch, tokens per row): see kernels/multi_adapter.py."""
+    """Segments of one adapter format for one (batch, tokens per row): see sparse_engine/kernels/multi_adapter.py."""
 
     token_order: torch.Tensor
     seg_slots: torch.Tensor

@@ -1,4 +1,4 @@
-"""Packed storage of many adapters' deltas for one served layer (see ``kernels/multi_adapter.py``)."""
+"""Packed storage of many adapters' deltas for one served layer (see ``sparse_engine/kernels/multi_adapter.py``)."""
 from __future__ import annotations
 
 import math
@@ -23,7 +23,7 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 
 class LayerPool:
-    """Packed storage of every adapter's delta of one layer (see ``kernels/multi_adapter.py``).
+    """Packed storage of every adapter's delta of one layer (see ``sparse_engine/kernels/multi_adapter.py``).
 
     Block pool ``blocks [cap, B, B]`` + ``block_cols int32``; element pool ``values [cap]`` +
     ``cols`` (int16 when ``d_in < 2**15`` and the Triton kernels read the pool; int32 for the

@@ -1,4 +1,4 @@
-"""Fused masked-delta kernels (kernels/masked_delta.py) against kernels/reference.py.
+"""Fused masked-delta kernels (sparse_engine/kernels/masked_delta.py) against sparse_engine/kernels/reference.py.
 
 Every result is compared with the reference run in float64 on the same inputs; it passes
 when its max error is at most 2x PyTorch's own error (the reference run in the test dtype)

@@ -1,4 +1,4 @@
-"""Segmented multi-adapter delta kernels (kernels/multi_adapter.py) against their reference twins.
+"""Segmented multi-adapter delta kernels (sparse_engine/kernels/multi_adapter.py) against their reference twins.
 
 On CPU the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1):
 fp32/fp16 here, bf16 only with CUDA. Shapes are small on purpose.

@@ -1,4 +1,4 @@
-"""The CPU serving path: kernels/reference.py's multi-adapter twins against an fp64 dense oracle.
+"""The CPU serving path: sparse_engine/kernels/reference.py's multi-adapter twins against an fp64 dense oracle.
 
 The pools are built here from each slot's own (ids, values), laid out as AdapterLibrary lays
 them out; the oracle is ``x · ΔWᵀ`` with ΔW densified in fp64 from those same (ids, values),

@@ -1,4 +1,4 @@
-"""The shared kernel runtime (kernels/runtime.py): launch helpers against plain-Python
+"""The shared kernel runtime (sparse_engine/kernels/runtime.py): launch helpers against plain-Python
 definitions, the argument checks every launcher runs, and one refusal of devices the kernels
 cannot run on, the same for all four kernel families."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batched top-k selection (kernels/topk_mask.py) against kernels/reference.py, index for index.
+"""Batched top-k selection (sparse_engine/kernels/topk_mask.py) against sparse_engine/kernels/reference.py, index for index.
 
 The launchers must return exactly the reference's int32 sorted indices: same threshold, same
 tie rule (lower flat index, layer order in global mode), same NaN rule. On CPU the kernels run

@@ -1,4 +1,4 @@
-"""The reference top-k (``kernels/reference.py``: ``topk_flat_indices`` and the per-layer /
+"""The reference top-k (``sparse_engine/kernels/reference.py``: ``topk_flat_indices`` and the per-layer /
 global wrappers) against an independent oracle: a stable sort on (-score, flat index), NaN
 last, the first k taken and sorted by index.
 

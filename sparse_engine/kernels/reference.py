@@ -168,7 +168,7 @@ def block_grad_blocks(dy, x, block_indices, block_size: int, *, layout=None):
 
 
 # ----------------------------------- block-sparse extras (owner: block_sparse kernels)
-# Reference twins of the delta-only launchers of ``kernels/block_sparse.py`` and the
+# Reference twins of the delta-only launchers of ``sparse_engine/kernels/block_sparse.py`` and the
 # per-tile slot map shared by both backends.
 
 
@@ -359,7 +359,7 @@ def topk_global(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------ top-k from Ŵ and G (twin of topk_mask.py)
-# The reference of kernels/topk_mask.py's fused launcher.
+# The reference of sparse_engine/kernels/topk_mask.py's fused launcher.
 
 
 def delta_grad_score(delta, grad, score: str = "mcs", block_size: int | None = None) -> torch.Tensor:
@@ -405,7 +405,7 @@ def delta_score_topk(dy, x, delta, k: int, score: str = "mcs") -> torch.Tensor:
     return topk_flat_indices(delta_score(dy, x, delta, score), k)
 
 
-# ------------------------------------------- multi-adapter serving (twins of kernels/multi_adapter.py)
+# ------------------------------------------- multi-adapter serving (twins of sparse_engine/kernels/multi_adapter.py)
 # Twins of the segmented multi-adapter launchers, and the CPU serving path: per segment, only
 # the slot's kept entries are read and no dense ΔW is formed. Element pools: the slot's CSR
 # extent wrapped as a torch sparse matrix without copying. Block pools: the segment's x slices
@@ -523,4 +523,4 @@ def multi_element_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, co
     return _multi_delta(x, out, token_order, seg_slots, seg_offsets, row_ptr, cols, values, _element_product)
 
 
-# --------------------------------------- end of multi-adapter serving (owner: kernels/multi_adapter.py)
+# --------------------------------------- end of multi-adapter serving (owner: sparse_engine/kernels/multi_adapter.py)

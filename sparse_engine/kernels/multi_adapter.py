@@ -3,7 +3,7 @@ its own adapter, added into the base output ``out = x·Wᵀ`` computed once for 
 kernels behind ``sparse_engine.serving``, whose ``AdapterLibrary`` builds the pools and segments).
 
 Launchers: ``multi_block_delta`` and ``multi_element_delta`` (PyTorch twins of the same names in
-``kernels/reference.py``; arguments are trusted, no host synchronisation on the serving path),
+``sparse_engine/kernels/reference.py``; arguments are trusted, no host synchronisation on the serving path),
 ``build_tiles`` and ``choose_block_m``. The pool, row-pointer, segment and tile-table layouts
 they read, the kernel design and the choice of BLOCK_M: docs/serving.md, section "Kernel design".
 """

@@ -3,7 +3,7 @@ gradient and the mask-update score pass, in both storage phases of an adapted la
 dense fp32 Ŵ + bool mask; fixed: compact fp32 values at int32 sorted flat indices, decoded
 through a :class:`CompactLayout` from :func:`build_compact_layout`).
 
-The launchers are drop-in twins of ``kernels/reference.py`` (``masked_delta_linear``,
+The launchers are drop-in twins of ``sparse_engine/kernels/reference.py`` (``masked_delta_linear``,
 ``masked_delta_grad_input``, ``masked_delta_grad_delta``, ``delta_score``, ``compact_*``), plus
 the element top-k without a dense score (``score_histogram``, ``score_select``,
 ``threshold_from_histogram``, ``delta_score_topk``). Tiling, the compact layout's format, the

@@ -1,7 +1,7 @@
 """Triton kernels for 16×16 block-sparse adapters: ΔW given as ``blocks [n, B, B]`` at int32
 sorted flat block ids ``row_block * (d_in // B) + col_block`` of the ``(d_out, d_in)`` weight.
 
-Launchers (drop-in for the twins in ``kernels/reference.py``): ``block_delta_matmul`` and
+Launchers (drop-in for the twins in ``sparse_engine/kernels/reference.py``): ``block_delta_matmul`` and
 ``block_delta_grad_input`` (the delta alone, DSD), ``block_grad_blocks`` (dYᵀX at the kept tiles
 only, SDD), ``block_delta_linear`` and ``block_grad_input`` (W + ΔW fused into one GEMM), and
 ``build_block_slot_map`` / ``build_block_layout`` (index structures, validated once). The index

@@ -1,6 +1,6 @@
 """Batched top-k mask selection over many layers: sample-bracketed radix select.
 
-Public launchers (same results as their twins in ``kernels/reference.py``, bit for bit):
+Public launchers (same results as their twins in ``sparse_engine/kernels/reference.py``, bit for bit):
 ``topk_per_layer(scores, ks)``, ``topk_global(scores, k)`` (one threshold over all layers) and
 ``topk_from_delta_grad(deltas, grads, score, ...)`` (the score computed on the fly from Ŵ and G,
 per element or per ``B×B`` tile). Each returns, per layer, the int32 sorted flat indices of the
