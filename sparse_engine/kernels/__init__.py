@@ -1,5 +1,5 @@
 """Triton kernels of sparse-engine and their plain-PyTorch reference twins.
 
-Installed as ``sparse_engine.kernels``. ``reference`` imports without Triton; the kernel
-modules need Triton and are imported lazily by ``sparse_engine.backend``.
+They import nothing else of the package (the bottom floor). ``reference`` imports without
+Triton; the kernel modules need Triton and are imported lazily by ``sparse_engine.backend``.
 """
