@@ -150,9 +150,12 @@ def reexec_with_fixed_mmap_threshold(script: str) -> None:
     Timings taken in such a process are not a user's: every mid-size temporary is a fresh
     mapping whose pages fault in (measured: 4x the CPU serving path's cost). Benchmarks that
     time and measure memory run the memory rows in a child: :func:`run_with_fixed_mmap_threshold`."""
-    if os.environ.get(MMAP_THRESHOLD_ENV) is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, **{MMAP_THRESHOLD_ENV: FIXED_MMAP_THRESHOLD})
-        os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]], env)
+    if mmap_threshold() is None and sys.platform.startswith("linux"):
+        os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]], _fixed_threshold_env())
+
+
+def _fixed_threshold_env() -> dict:
+    return dict(os.environ, **{MMAP_THRESHOLD_ENV: FIXED_MMAP_THRESHOLD})
 
 
 def mmap_threshold() -> str | None:
@@ -165,9 +168,9 @@ def run_with_fixed_mmap_threshold(script: str, argv: list[str], timeout: float =
     rows), this process keeping glibc's default for its timings; the child's exit status."""
     import subprocess
 
-    env = dict(os.environ, **{MMAP_THRESHOLD_ENV: FIXED_MMAP_THRESHOLD})
     try:
-        return subprocess.run([sys.executable, os.path.abspath(script), *argv], env=env, timeout=timeout).returncode
+        return subprocess.run([sys.executable, os.path.abspath(script), *argv], env=_fixed_threshold_env(),
+                              timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         print(f"{os.path.basename(script)}: the peak-memory child ran past {timeout:.0f} s", file=sys.stderr)
         return 1
